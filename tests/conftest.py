@@ -1,0 +1,55 @@
+"""Shared fixtures: the embedded model (loaded once) and tiny random models built from a config.
+
+No fixture downloads anything: the tiny models are randomly initialised from a config and
+driven by the embedded SmolLM2 tokenizer (vocabulary 49,152).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def embedded_lm():
+    from adaptivek import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    from transformers import AutoTokenizer
+
+    from adaptivek.models import embedded_model_dir
+
+    return AutoTokenizer.from_pretrained(embedded_model_dir("smollm2-135m"))
+
+
+def _tiny(kind: str, tokenizer):
+    from transformers import Gemma2Config, Gemma2ForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from adaptivek.models import wrap_model
+
+    torch.manual_seed(0)
+    vocab = len(tokenizer)
+    if kind == "gpt_neox":
+        cfg = GPTNeoXConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
+                            rotary_pct=0.25, vocab_size=vocab, max_position_embeddings=512)
+        model = GPTNeoXForCausalLM(cfg)
+    else:
+        cfg = Gemma2Config(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=16, intermediate_size=128, sliding_window=32, vocab_size=vocab,
+                           max_position_embeddings=512)
+        model = Gemma2ForCausalLM(cfg)
+    return wrap_model(model.eval(), tokenizer, name=f"tiny-{kind}")
+
+
+@pytest.fixture(scope="session")
+def tiny_neox(smol_tokenizer):
+    return _tiny("gpt_neox", smol_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma2(smol_tokenizer):
+    return _tiny("gemma2", smol_tokenizer)

@@ -1,0 +1,135 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adaptivek import extract
+from adaptivek import activations as act
+
+TEXTS = [
+    "The capital of France is Paris.",
+    "A much longer sentence, with several clauses, that keeps going so that the batch needs padding.",
+    "Short one.",
+    "Sparse autoencoders decompose activations into interpretable features.",
+]
+
+
+def _reference(lm, texts, layer):
+    """transformers' own hidden_states[layer + 1], one unpadded text at a time."""
+    hf, tok = lm._module, lm.tokenizer
+    last, full = [], []
+    for t in texts:
+        enc = tok([t], return_tensors="pt")
+        with torch.inference_mode():
+            hs = hf(**enc, output_hidden_states=True).hidden_states[layer + 1][0]
+        last.append(hs[-1])
+        full.append(hs)
+    return torch.stack(last), full
+
+
+def _close(a, b):
+    # batching changes float summation order only: relative error ~1e-6
+    scale = b.abs().max().clamp(min=1.0)
+    return (a - b).abs().max().item() / scale.item() < 1e-4
+
+
+@pytest.mark.parametrize("fixture", ["embedded_lm", "tiny_neox", "tiny_gemma2"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_last_token_matches_transformers(request, fixture, side):
+    lm = request.getfixturevalue(fixture)
+    layer = 2
+    got = extract(lm, TEXTS, layer, padding_side=side, batch_size=4, progress=False)
+    want, _ = _reference(lm, TEXTS, layer)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert _close(got, want)
+
+
+@pytest.mark.parametrize("fixture", ["embedded_lm", "tiny_gemma2"])
+def test_all_tokens_exclude_padding_and_match(request, fixture):
+    lm = request.getfixturevalue(fixture)
+    acts, index = extract(lm, TEXTS, 1, token="all", padding_side="left", progress=False)
+    _, full = _reference(lm, TEXTS, 1)
+    assert acts.shape[0] == sum(h.shape[0] for h in full) == index.shape[0]
+    assert torch.equal(index, torch.cat([torch.full((h.shape[0],), i) for i, h in enumerate(full)]))
+    assert _close(acts, torch.cat(full))
+
+
+def test_several_layers_in_one_pass_equal_single_layers(embedded_lm):
+    many = extract(embedded_lm, TEXTS, [5, 1], progress=False)
+    assert list(many) == [1, 5]
+    for ly in (1, 5):
+        assert torch.allclose(many[ly], extract(embedded_lm, TEXTS, ly, progress=False), atol=1e-5)
+
+
+def test_forward_stops_after_the_deepest_requested_layer(embedded_lm):
+    ran = []
+    # pre-hooks: a block that starts is recorded even if nnsight stops the pass at its output
+    hooks = [blk.register_forward_pre_hook(lambda m, i, n=n: ran.append(n))
+             for n, blk in enumerate(embedded_lm._module.model.layers)]
+    try:
+        extract(embedded_lm, TEXTS[:2], [1, 4], progress=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert sorted(set(ran)) == [0, 1, 2, 3, 4]
+
+
+def test_last_token_index_for_both_padding_sides():
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    left = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1]])
+    assert act.last_token_index(right).tolist() == [2, 3, 0]
+    assert act.last_token_index(left).tolist() == [3, 3, 3]
+
+
+def test_cache_is_reused_and_keyed_by_content(embedded_lm, tmp_path, monkeypatch):
+    first = extract(embedded_lm, TEXTS, 3, cache_dir=tmp_path, progress=False)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1 and len(list(tmp_path.glob("*.json"))) == 1
+
+    def no_forward(*a, **k):
+        raise AssertionError("recomputed although cached")
+
+    monkeypatch.setattr(act, "_run", no_forward)
+    again = extract(embedded_lm, TEXTS, 3, cache_dir=tmp_path, progress=False)
+    assert torch.equal(first, again)
+    with pytest.raises(AssertionError, match="recomputed"):  # other texts -> other key
+        extract(embedded_lm, TEXTS[:3], 3, cache_dir=tmp_path, progress=False)
+    with pytest.raises(AssertionError, match="recomputed"):  # other max_length -> other key
+        extract(embedded_lm, TEXTS, 3, max_length=8, cache_dir=tmp_path, progress=False)
+
+
+def test_a_cache_entry_without_its_metadata_is_not_trusted(embedded_lm, tmp_path):
+    extract(embedded_lm, TEXTS, 3, cache_dir=tmp_path, progress=False)
+    (meta,) = tmp_path.glob("*.json")
+    meta.unlink()  # as if the run died between the tensor file and its metadata
+    assert act._cache_load(tmp_path, meta.stem) is None
+
+
+def test_truncation_keeps_what_the_model_sees(embedded_lm):
+    tok = embedded_lm.tokenizer
+    cut = act.truncate_to_tokens(tok, TEXTS, 6)
+    assert cut[2] == TEXTS[2]  # already short enough: unchanged
+    assert all(len(tok(c)["input_ids"]) <= 6 for c in cut)
+    assert TEXTS[1].startswith(cut[1]) and len(cut[1]) < len(TEXTS[1])
+
+
+@pytest.mark.parametrize(
+    ("texts", "kw", "error", "match"),
+    [
+        ([], {}, ValueError, "texts is empty"),
+        (["ok", ""], {}, ValueError, r"texts\[1\] is empty"),
+        (["ok", "   "], {}, ValueError, r"texts\[1\] is empty"),
+        (["ok", 3], {}, TypeError, r"texts\[1\] is a int"),
+        ("a single string", {}, TypeError, "wrap it in a list"),
+        (["ok"], {"layer": 30}, ValueError, r"out of range.*0\.\.29"),
+        (["ok"], {"layer": -1}, ValueError, "out of range"),
+        (["ok"], {"layer": []}, ValueError, "empty list"),
+        (["ok"], {"max_length": 0}, ValueError, "max_length must be an int >= 1"),
+        (["ok"], {"batch_size": 0}, ValueError, "batch_size must be an int >= 1"),
+        (["ok"], {"token": "first"}, ValueError, "token must be 'last' or 'all'"),
+        (["ok"], {"padding_side": "middle"}, ValueError, "padding_side"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(embedded_lm, texts, kw, error, match):
+    layer = kw.pop("layer", 0)
+    with pytest.raises(error, match=match):
+        extract(embedded_lm, texts, layer, progress=False, **kw)
