@@ -1,0 +1,49 @@
+"""adaptivek: AdaptiveK sparse autoencoders, reproduced and tested (Yao & Du, arXiv 2508.17320).
+
+Names are imported lazily so that ``import adaptivek`` (and the CLI) stays fast: torch,
+transformers and nnsight load only when a function that needs them is first used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "load_model": "models",
+    "n_layers": "models",
+    "d_model": "models",
+    "blocks": "models",
+    "EMBEDDED_MODELS": "models",
+    "extract": "activations",
+    "truncate_to_tokens": "activations",
+    "load_corpus": "corpus",
+    "load_onestopenglish": "corpus",
+    "RubricScorer": "complexity",
+    "LLMScorer": "llm_scorer",
+    "RidgeProbe": "probe",
+    "complexity_to_k": "probe",
+    "TopKSAE": "sae",
+    "AdaptiveKSAE": "sae",
+    "load_sae": "sae",
+    "TrainConfig": "training",
+    "train_sae": "training",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'adaptivek' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"adaptivek.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
