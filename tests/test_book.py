@@ -1,0 +1,100 @@
+"""The book runner on a throwaway mini-book, and the real chapters' source hygiene."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+
+from adaptivek import book
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _nb(path: Path, params: str, body: str) -> None:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_markdown_cell("# t"),
+                nbformat.v4.new_code_cell(params, metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell(body)]
+    nbformat.write(nb, str(path))
+
+
+PLOT = ("import matplotlib.pyplot as plt\nfrom pathlib import Path\n"
+        "Path(artifacts_dir, 'a.txt').write_text(str(x))\n"
+        "from IPython.display import display\nfig = plt.figure(); plt.plot([0, x]); display(fig)\n")
+
+
+@pytest.fixture
+def minibook(tmp_path):
+    (tmp_path / "book" / "profiles").mkdir(parents=True)
+    (tmp_path / "book" / "intro.md").write_text("# intro\n")
+    (tmp_path / "_toc.yml").write_text(yaml.safe_dump(
+        {"format": "jb-book", "root": "book/intro", "chapters": [{"file": "book/a"}, {"file": "book/b"}]}))
+    (tmp_path / "book" / "profiles" / "p.yaml").write_text(yaml.safe_dump(
+        {"defaults": {"x": 2, "unused_elsewhere": 1}, "chapters": {"b": {"y": 5}}}))
+    _nb(tmp_path / "book" / "a.ipynb", "artifacts_dir = '.'\nx = 1", PLOT)
+    _nb(tmp_path / "book" / "b.ipynb", "artifacts_dir = '.'\ny = 0",
+        "from pathlib import Path\nassert Path(artifacts_dir, 'a.txt').read_text() == '2'\n"
+        "import matplotlib.pyplot as plt\n"
+        "from IPython.display import display\nfig = plt.figure(); plt.plot([y]); display(fig)\n")
+    return tmp_path
+
+
+def test_toc_order_and_markdown_pages_skipped(minibook):
+    assert [p.stem for p in book.toc_chapters(minibook)] == ["a", "b"]
+
+
+def test_profile_parameters_reach_chapters_in_order_sharing_artifacts(minibook):
+    runs = book.run_book("p", root=minibook, log=lambda *_: None)
+    assert [r.name for r in runs] == ["a", "b"]  # b asserts it sees what a wrote, with x from the profile
+    timings = json.loads((minibook / "_build" / "executed" / "timings-p.json").read_text())
+    assert set(timings) == {"a", "b"}
+    executed = nbformat.read(str(runs[1].output), as_version=4)
+    assert any("y = 5" in c.source for c in executed.cells)  # papermill's injected-parameters cell
+
+
+def test_a_failing_chapter_is_named_with_its_error(minibook):
+    _nb(minibook / "book" / "b.ipynb", "artifacts_dir = '.'", "raise ValueError('boom from b')")
+    (minibook / "book" / "profiles" / "p.yaml").write_text(yaml.safe_dump({"defaults": {"x": 2}}))
+    with pytest.raises(book.ChapterFailed, match=r"chapter b failed in cell .*ValueError: boom from b"):
+        book.run_book("p", root=minibook, log=lambda *_: None)
+    assert (minibook / "_build" / "executed" / "book" / "b.failed.ipynb").is_file()
+    assert not (minibook / "_build" / "executed" / "book" / "b.ipynb").exists()  # never half-written
+
+
+def test_profile_errors_are_clear(minibook):
+    with pytest.raises(FileNotFoundError, match=r"unknown profile 'nope'.*known profiles: \['p'\]"):
+        book.run_book("nope", root=minibook)
+    (minibook / "book" / "profiles" / "p.yaml").write_text(yaml.safe_dump({"chapters": {"a": {"zzz": 1}}}))
+    with pytest.raises(ValueError, match=r"sets \['zzz'\] for a, which its parameters cell does not declare"):
+        book.run_book("p", root=minibook, log=lambda *_: None)
+    with pytest.raises(ValueError, match="no such chapter"):
+        book.run_book("p", root=minibook, only=["zz"])
+
+
+def test_check_flags_error_outputs_and_missing_figures(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("1/0", outputs=[nbformat.v4.new_output(
+        "error", ename="ZeroDivisionError", evalue="division by zero", traceback=[])])]
+    path = tmp_path / "x.ipynb"
+    nbformat.write(nb, str(path))
+    problems = book.check_executed([path])
+    assert any("ZeroDivisionError" in p for p in problems)
+    assert any("no figure" in p for p in problems)
+
+
+def test_real_chapters_are_committed_clean_with_a_parameters_cell():
+    chapters = book.toc_chapters(ROOT)
+    assert chapters, "the _toc.yml lists no chapters"
+    for path in chapters:
+        nb = nbformat.read(str(path), as_version=4)
+        assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# "), path.name
+        tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(tagged) == 1 and "artifacts_dir" in tagged[0].source, path.name
+        for cell in nb.cells:
+            if cell.cell_type == "code":
+                assert not cell.outputs and cell.execution_count is None, f"{path.name} has outputs committed"
