@@ -72,13 +72,34 @@ def _cache_key(lm, layer: int, token: str, max_length: int, texts: list[str]) ->
 
 
 def _cache_load(cache_dir: Path, key: str):
+    """A cached result, or one assembled from the shards of a distributed run, or None."""
     from safetensors.torch import load_file
 
     meta, data = cache_dir / f"{key}.json", cache_dir / f"{key}.safetensors"
-    if not (meta.is_file() and data.is_file()):  # the JSON is written last: it marks completion
+    if meta.is_file() and data.is_file():  # the JSON is written last: it marks completion
+        t = load_file(str(data))
+        return (t["acts"], t["text_index"]) if "text_index" in t else t["acts"]
+    manifest = cache_dir / f"{key}.shards.json"
+    if not manifest.is_file():
         return None
-    t = load_file(str(data))
-    return (t["acts"], t["text_index"]) if "text_index" in t else t["acts"]
+    shards = json.loads(manifest.read_text())["shards"]  # [{"key": ..., "n_texts": ...}] in text order
+    parts = [_cache_load(cache_dir, s["key"]) for s in shards]
+    if any(p is None for p in parts):
+        return None
+    if not isinstance(parts[0], tuple):
+        return torch.cat(parts)
+    offsets = torch.tensor([0] + [s["n_texts"] for s in shards[:-1]]).cumsum(0)
+    return (torch.cat([a for a, _ in parts]),
+            torch.cat([i + off for (_, i), off in zip(parts, offsets.tolist(), strict=True)]))
+
+
+def write_shard_manifest(cache_dir: Path, lm, layer: int, token: str, max_length: int,
+                         texts: list[str], shards: list[list[str]]) -> None:
+    """Record that the result for ``texts`` is the concatenation of the results for ``shards``."""
+    entry = {"shards": [{"key": _cache_key(lm, layer, token, max_length, sh), "n_texts": len(sh)} for sh in shards],
+             "format": CACHE_FORMAT}
+    with atomic_path(cache_dir / f"{_cache_key(lm, layer, token, max_length, texts)}.shards.json", ".json") as tmp:
+        tmp.write_text(json.dumps(entry, indent=2))
 
 
 def _cache_store(cache_dir: Path, key: str, value, meta: dict) -> None:

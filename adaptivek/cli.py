@@ -1,4 +1,4 @@
-"""Command line: ``adaptivek book run|build|check`` and ``adaptivek data fetch``."""
+"""Command line: ``adaptivek book run|build|check``, ``adaptivek extract`` and ``adaptivek data fetch``."""
 
 from __future__ import annotations
 
@@ -22,6 +22,18 @@ def _parser() -> argparse.ArgumentParser:
     bsub.add_parser("build", help="build HTML from the executed chapters into _build/html")
     check = bsub.add_parser("check", help="fail if an executed chapter has an error output or no figure")
     check.add_argument("notebooks", nargs="*", type=Path)
+
+    ex = sub.add_parser("extract", help="extract activations into a cache (shards under torchrun)")
+    ex.add_argument("--model", default="smollm2-135m")
+    ex.add_argument("--texts", required=True, type=Path, help=".txt (one per line), .jsonl, .csv or .parquet")
+    ex.add_argument("--column", default="text", help="text column of a table file")
+    ex.add_argument("--layers", required=True, help="comma-separated, e.g. 3 or 0,6,12")
+    ex.add_argument("--cache-dir", required=True, type=Path)
+    ex.add_argument("--token", default="last", choices=["last", "all"])
+    ex.add_argument("--max-length", type=int, default=128)
+    ex.add_argument("--batch-size", type=int, default=32)
+    ex.add_argument("--device", default="cpu")
+    ex.add_argument("--dtype", default=None, help="e.g. bfloat16")
 
     data = sub.add_parser("data", help="offline data")
     dsub = data.add_subparsers(dest="action", required=True)
@@ -51,11 +63,15 @@ def main(argv: list[str] | None = None) -> int:
             if problems:
                 return 1
             print(f"{len(paths)} executed chapters: no errors, every one has a figure")
+        elif args.command == "extract":
+            from .distributed import main_extract
+
+            main_extract(args)
         elif args.command == "data" and args.action == "fetch":
             from .corpus import fetch_data
 
             fetch_data()
-    except (book.ChapterFailed, FileNotFoundError, ValueError, RuntimeError) as e:
+    except (book.ChapterFailed, FileNotFoundError, ValueError, RuntimeError, OSError) as e:
         print(f"adaptivek: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adaptivek import extract
 from adaptivek import activations as act
+from adaptivek import extract
 
 TEXTS = [
     "The capital of France is Paris.",
