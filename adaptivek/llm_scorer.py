@@ -1,0 +1,247 @@
+"""Complexity labels from any OpenAI-compatible chat-completions endpoint (the paper's method).
+
+The paper labelled its contexts with GPT-4.1-mini on a six-dimension rubric and let the model
+compute the weighted score; API errors, timeouts and unparsable replies were stored as 0.0 and
+trained on. :class:`LLMScorer` asks for the six dimension scores only (our own prompt wording,
+versioned by ``PROMPT_VERSION``), recomputes the weighted score itself with the paper's weights,
+and turns every failure into NaN with the reason in an ``error`` column and the log.
+
+Works with OpenAI, vLLM, llama.cpp, Ollama, LM Studio ... (``base_url`` up to ``/v1``). Requests
+run ``concurrency`` at a time in threads (so it also works inside Jupyter's event loop), with
+exponential backoff on timeouts, connection errors, 408/429 and 5xx. Successful replies are cached
+on disk, one JSON file per (model, prompt version, text), written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import time
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ._io import cache_root, write_json
+from .complexity import COLUMNS, DIMENSIONS
+
+log = logging.getLogger(__name__)
+
+PROMPT_VERSION = "adaptivek-rubric-1"
+SYSTEM_PROMPT = "You rate how demanding English passages are to read and understand. You answer in JSON only."
+PROMPT = """Rate the passage below on six dimensions of complexity. Use a scale from 0 (extremely simple, \
+e.g. a sentence for young children) to 10 (highly complex, e.g. a specialist research paper); decimals are \
+allowed. Judge each dimension on its own.
+
+- lexical: how demanding the vocabulary is: rare or long words, technical terms, variety of words, and \
+the share of content words.
+- syntactic: how demanding the sentence structure is: sentence length, clauses per sentence, \
+subordination and nesting, passive voice, varied constructions.
+- conceptual: how dense and abstract the ideas are: how many distinct concepts, how abstract, how \
+tightly related, how much information per sentence.
+- domain: how much specialist background the reader needs: field-specific terms, methods, theories or \
+figures, and how far the text targets specialists rather than general readers.
+- logical: how demanding the reasoning is: conditional, causal and comparative relations, the length of \
+reasoning chains, and how much must be inferred.
+- contextual: how much the text depends on knowledge it does not give: references to other texts or \
+events, cultural or historical knowledge, unstated assumptions, reliance on surrounding discourse.
+
+Passage:
+<<<
+{text}
+>>>
+
+Reply with a JSON object with exactly these keys and numbers from 0 to 10 as values:
+{{"lexical": _, "syntactic": _, "conceptual": _, "domain": _, "logical": _, "contextual": _}}"""
+
+# the reference prompt's key names, accepted too (its values are {"score": x})
+_ALIASES = {f"{d}_{s}": d for d, s in [("lexical", "complexity"), ("syntactic", "complexity"),
+                                         ("conceptual", "density"), ("domain", "specificity"),
+                                         ("logical", "structure"), ("contextual", "dependencies")]}
+_RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+_FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.S)
+
+
+def parse_scores(content: str) -> tuple[dict[str, float] | None, str | None]:
+    """The six dimension scores from a model reply, or ``(None, reason)``."""
+    m = _FENCE.match(content)
+    try:
+        obj = json.loads(m.group(1) if m else content)
+    except (json.JSONDecodeError, TypeError) as e:
+        return None, f"malformed JSON in reply ({e.msg if hasattr(e, 'msg') else e}): {str(content)[:120]!r}"
+    if not isinstance(obj, dict):
+        return None, f"reply is JSON {type(obj).__name__}, not an object: {str(content)[:120]!r}"
+    obj = {_ALIASES.get(k, k): v for k, v in obj.items()}
+    scores: dict[str, float] = {}
+    for dim in DIMENSIONS:
+        v = obj.get(dim)
+        if isinstance(v, dict):
+            v = v.get("score")
+        if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+            return None, f"missing or non-numeric {dim!r} in reply: {str(content)[:120]!r}"
+        try:
+            x = float(v)
+        except ValueError:
+            return None, f"non-numeric {dim!r}={v!r} in reply"
+        if not (math.isfinite(x) and 0.0 <= x <= 10.0):
+            return None, f"{dim!r}={x} is outside [0, 10]"
+        scores[dim] = x
+    return scores, None
+
+
+def weighted(scores: dict[str, float]) -> float:
+    """The paper's weighted complexity, recomputed from the dimension scores."""
+    return sum(scores[d] * w for d, w in DIMENSIONS.items())
+
+
+class LLMScorer:
+    """Score texts with an LLM on the paper's six-dimension rubric.
+
+    Args:
+        base_url: the API root, e.g. ``"https://api.openai.com/v1"`` or ``"http://localhost:8000/v1"``
+            (``/chat/completions`` is appended unless already there).
+        model: the model name sent to the endpoint, e.g. ``"gpt-4.1-mini"``.
+        api_key: bearer token; default ``$OPENAI_API_KEY``; none is sent when neither is set
+            (local servers).
+        concurrency: requests in flight at once.
+        timeout: seconds per request.
+        max_retries: retries after the first attempt on timeouts, connection errors, 408/429/5xx.
+        backoff: first retry delay in seconds, doubled each retry (a server's Retry-After wins).
+        cache_dir: where replies are cached; default ``cache_root()/llm_labels``; ``False`` disables.
+        temperature: sampling temperature (the paper used 0.1).
+        json_mode: send ``response_format={"type": "json_object"}`` (turn off for servers without it).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        *,
+        concurrency: int = 5,
+        timeout: float = 60.0,
+        max_retries: int = 4,
+        backoff: float = 1.0,
+        cache_dir: str | os.PathLike | bool | None = None,
+        temperature: float = 0.0,
+        json_mode: bool = True,
+    ):
+        if not base_url or not model:
+            raise ValueError("LLMScorer needs a base_url (e.g. https://api.openai.com/v1) and a model name")
+        if concurrency < 1 or max_retries < 0 or timeout <= 0:
+            raise ValueError("concurrency must be >= 1, max_retries >= 0 and timeout > 0")
+        url = base_url.rstrip("/")
+        self.url = url if url.endswith("/chat/completions") else f"{url}/chat/completions"
+        self.model = model
+        self.api_key = api_key or os.environ.get("OPENAI_API_KEY")
+        self.concurrency, self.timeout, self.max_retries, self.backoff = concurrency, timeout, max_retries, backoff
+        self.temperature, self.json_mode = temperature, json_mode
+        if cache_dir is False:
+            self.cache_dir = None
+        else:
+            self.cache_dir = Path(cache_dir) if cache_dir not in (None, True) else cache_root() / "llm_labels"
+
+    # ------------------------------------------------------------------------------------- cache
+    def _cache_path(self, text: str) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        key = hashlib.sha256(json.dumps([self.model, PROMPT_VERSION, text]).encode()).hexdigest()
+        return self.cache_dir / key[:2] / f"{key}.json"
+
+    def _cached(self, text: str) -> dict[str, float] | None:
+        path = self._cache_path(text)
+        if path is None or not path.exists():
+            return None
+        try:
+            scores, err = parse_scores(json.dumps(json.loads(path.read_text())["scores"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return scores if err is None else None
+
+    # ----------------------------------------------------------------------------------- request
+    def _payload(self, text: str) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "model": self.model,
+            "messages": [{"role": "system", "content": SYSTEM_PROMPT},
+                         {"role": "user", "content": PROMPT.format(text=text)}],
+            "temperature": self.temperature,
+        }
+        if self.json_mode:
+            payload["response_format"] = {"type": "json_object"}
+        return payload
+
+    def _request(self, client, text: str) -> tuple[dict[str, float] | None, str | None]:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        reason, wait = "no attempt made", 0.0
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                time.sleep(wait or self.backoff * 2 ** (attempt - 1) * (1 + 0.1 * random.random()))
+            wait = 0.0
+            try:
+                r = client.post(self.url, json=self._payload(text), headers=headers, timeout=self.timeout)
+            except httpx.TimeoutException:
+                reason = f"timeout after {self.timeout:g} s"
+                continue
+            except httpx.TransportError as e:
+                reason = f"connection error: {type(e).__name__}: {e}"
+                continue
+            if r.status_code in _RETRY_STATUS:
+                reason = f"HTTP {r.status_code}: {r.text[:200]}"
+                try:
+                    wait = min(float(r.headers.get("retry-after", 0)), 60.0)
+                except ValueError:
+                    wait = 0.0
+                continue
+            if r.status_code != 200:
+                return None, f"HTTP {r.status_code} (not retried): {r.text[:200]}"
+            try:
+                content = r.json()["choices"][0]["message"]["content"]
+            except (ValueError, KeyError, IndexError, TypeError):
+                return None, f"malformed API response body: {r.text[:200]!r}"
+            return parse_scores(content if isinstance(content, str) else json.dumps(content))
+        return None, f"{reason} (gave up after {self.max_retries + 1} attempts)"
+
+    def _score_one(self, client, text: str) -> dict[str, Any]:
+        if not text.strip():
+            return {"error": "empty text"}
+        scores = self._cached(text)
+        if scores is None:
+            scores, err = self._request(client, text)
+            if err is not None:
+                log.warning("LLM label failed (%s) for text %r", err, text[:60])
+                return {"error": err}
+            path = self._cache_path(text)
+            if path is not None:
+                write_json(path, {"model": self.model, "prompt_version": PROMPT_VERSION, "scores": scores})
+        return {**scores, "complexity": weighted(scores), "error": None}
+
+    def score(self, texts: Sequence[str]) -> pd.DataFrame:
+        """One row per text: the six dimensions and ``complexity`` in [0, 10] (NaN on failure), ``error``."""
+        import httpx
+
+        if isinstance(texts, (str, bytes)):
+            raise TypeError("texts must be a list of strings, got a single string; wrap it in a list: [text]")
+        texts = list(texts)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"texts[{i}] is a {type(t).__name__}, not a str; convert or drop it")
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        with httpx.Client(limits=limits) as client, ThreadPoolExecutor(self.concurrency) as pool:
+            rows = list(pool.map(lambda t: self._score_one(client, t), texts))
+        df = pd.DataFrame(rows, columns=[*COLUMNS, "error"]).astype({c: float for c in COLUMNS})
+        failed = df["error"].notna()
+        if failed.any():
+            reasons = df.loc[failed, "error"].str.replace(r"\(gave up.*|:.*", "", regex=True).value_counts()
+            warnings.warn(f"{int(failed.sum())} of {len(df)} texts could not be scored and are NaN: "
+                          + "; ".join(f"{k.strip()} x{v}" for k, v in reasons.items()), stacklevel=2)
+        return df
