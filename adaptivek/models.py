@@ -138,6 +138,35 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+RANDOM_PREFIX = "random:"
+
+
+def stored_configs() -> dict[str, dict[str, Any]]:
+    """Architecture configs of the paper's models, shipped with the package for dry runs."""
+    import json
+
+    data = json.loads((Path(__file__).parent / "data" / "model_configs.json").read_text())
+    return {k: v for k, v in data.items() if not k.startswith("_")}
+
+
+def _random_model(hub_id: str, dtype: torch.dtype, seed: int = 0):
+    """A randomly initialised model with the stored config of ``hub_id`` and the embedded tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    configs = stored_configs()
+    if hub_id not in configs:
+        raise ValueError(f"no stored config for {hub_id!r}; dry runs know {sorted(configs)}")
+    fields = dict(configs[hub_id])
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir("smollm2-135m"))
+    if len(tok) > config.vocab_size:
+        raise ValueError(f"the embedded tokenizer ({len(tok)} tokens) does not fit {hub_id}'s vocabulary")
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model, tok
+
+
 def _resolve_source(name: str, revision: str | None) -> tuple[str, dict[str, Any]]:
     """Map ``name`` to a ``from_pretrained`` source and extra kwargs, failing fast offline."""
     if name in EMBEDDED_MODELS:
@@ -176,7 +205,8 @@ def load_model(
 
     Args:
         name: ``"smollm2-135m"`` (embedded, offline), a hub id such as
-            ``"EleutherAI/pythia-70m-deduped"``, or a local model directory.
+            ``"EleutherAI/pythia-70m-deduped"``, a local model directory, or ``"random:<hub id>"``
+            for a randomly initialised model with that model's stored config (dry runs).
         device: where to put the weights (default CPU); e.g. ``"cuda"``.
         dtype: weight dtype (default float32), e.g. ``torch.bfloat16`` or ``"bfloat16"``.
         revision: hub revision (branch, tag or commit), recorded in activation-cache keys.
@@ -190,17 +220,20 @@ def load_model(
         dtype = getattr(torch, dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source, kwargs = _resolve_source(name, revision)
-    tok = AutoTokenizer.from_pretrained(source, **kwargs)
+    if name.startswith(RANDOM_PREFIX):  # dry runs: same architecture and size, random weights
+        model, tok = _random_model(name[len(RANDOM_PREFIX):], dtype or torch.float32)
+    else:
+        source, kwargs = _resolve_source(name, revision)
+        tok = AutoTokenizer.from_pretrained(source, **kwargs)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # the per-tensor "Loading weights" bar is noise in notebooks
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32, **kwargs)
+        finally:
+            hf_logging.enable_progress_bar()
     if tok.pad_token is None:  # GPT-NeoX / GPT-2 ship without a pad token
         tok.pad_token = tok.eos_token
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # the per-tensor "Loading weights" bar is noise in notebooks
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32, **kwargs)
-    finally:
-        hf_logging.enable_progress_bar()
     model.eval().to(device or "cpu")
     return wrap_model(model, tok, name=name, revision=revision, block_path=block_path)
 
