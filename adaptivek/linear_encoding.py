@@ -1,0 +1,366 @@
+"""Is complexity linearly encoded? Layer sweep, controls and OneStopEnglish transfer.
+
+Everything here scores predictions on one held-out test split, drawn once from ``seed``
+(:func:`split_indices`), so every row of a sweep or a controls table is computed on the same
+texts, and the bootstrap (also seeded) resamples the same test rows for every row: the CIs are
+paired and :func:`controls_table` can report the CI of the *difference* to the probe.
+
+The controls ask what else could explain a good probe:
+* shuffled labels (the probe's capacity to fit noise). Read its R² and RMSE: its *Pearson* need
+  not be near 0. A probe fitted to permuted labels is shrunk almost to a constant, but what is
+  left of it tends to point along the highest-variance directions of X, and if those carry
+  complexity the near-constant predictions still correlate with it, with a random sign (see
+  :func:`permutation_null` for the spread over many permutations),
+* text length only (n tokens, n words, n chars): complexity ratings often track length,
+* the embedding layer at the last token (the identity of the last token alone),
+* the mean of the input embeddings (a bag of words, no context processing),
+* a small MLP on the same activations (how much a nonlinear reader adds).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .probe import (
+    LAMBDAS,
+    RidgeProbe,
+    _as_float64,
+    _check_finite,
+    _check_xy,
+    bootstrap_ci,
+    fit_many,
+    pearson,
+    r2,
+    rmse,
+    spearman,
+)
+
+METRICS = {"rmse": rmse, "pearson": pearson, "spearman": spearman, "r2": r2}
+
+
+# ----------------------------------------------------------------------------- split and scores
+def split_indices(n: int, *, test_frac: float = 0.2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded random (train [n - n_test], test [n_test]) index split; ``n_test = round(test_frac * n)``."""
+    if not 0 < test_frac < 1:
+        raise ValueError(f"test_frac must be in (0, 1), got {test_frac}")
+    n_test = int(round(test_frac * n))
+    if n_test < 2 or n - n_test < 2:
+        raise ValueError(f"{n} samples with test_frac={test_frac} leave {n - n_test} train / {n_test} test rows; "
+                         f"need at least 2 of each: use more texts")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+    return perm[n_test:].sort().values, perm[:n_test].sort().values
+
+
+def score_predictions(pred: Any, y: Any, *, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict:
+    """``rmse``, ``pearson``, ``spearman``, ``r2`` with ``*_lo``/``*_hi`` percentile-bootstrap CIs, and ``n``."""
+    p, t = _as_float64(pred, "pred").cpu().flatten(), _as_float64(y, "y").cpu().flatten()
+    if len(p) != len(t):
+        raise ValueError(f"predictions and labels have different lengths: {len(p)} vs {len(t)}")
+    out: dict[str, Any] = {}
+    for name, fn in METRICS.items():
+        ci = bootstrap_ci(fn, p, t, n_boot=n_boot, seed=seed, alpha=alpha)
+        out.update({name: ci.estimate, f"{name}_lo": ci.lo, f"{name}_hi": ci.hi})
+    out["n"] = len(t)
+    return out
+
+
+def _ridge_row(X, y, train, test, *, lambdas, folds, seed, n_boot, standardize, shuffle=False):
+    """Fit a ridge probe on the train rows (labels permuted if ``shuffle``), score on the test rows."""
+    y_train = y[train]
+    if shuffle:
+        g = torch.Generator().manual_seed(int(seed) + 1)
+        y_train = y_train[torch.randperm(len(y_train), generator=g)]
+    probe = RidgeProbe.fit(X[train], y_train, lambdas=lambdas, folds=folds, seed=seed, standardize=standardize)
+    pred = probe.predict(X[test]).double().cpu()
+    row = score_predictions(pred, y[test], n_boot=n_boot, seed=seed)
+    row.update(lambda_=probe.lambda_, cv_rmse=float(probe.cv_rmse.min()), n_train=len(train))
+    return row, pred, probe
+
+
+def fit_and_score(X: Any, y: Any, *, test_frac: float = 0.2, seed: int = 0, n_boot: int = 1000,
+                  lambdas: Sequence[float] = LAMBDAS, folds: int = 5, standardize: bool = False) -> dict:
+    """Ridge probe on one split: ``{"metrics": row, "probe", "pred" [n_test], "y_test", "test" (indices)}``."""
+    X, y = _check_xy(X, y)
+    X, y = X.cpu(), y.cpu()
+    train, test = split_indices(len(y), test_frac=test_frac, seed=seed)
+    row, pred, probe = _ridge_row(X, y, train, test, lambdas=lambdas, folds=folds, seed=seed, n_boot=n_boot,
+                                  standardize=standardize)
+    return {"metrics": row, "probe": probe, "pred": pred, "y_test": y[test], "test": test}
+
+
+def layer_sweep(acts_by_layer: dict[int, Any], y: Any, *, test_frac: float = 0.2, seed: int = 0,
+                n_boot: int = 1000, lambdas: Sequence[float] = LAMBDAS, folds: int = 5,
+                standardize: bool = False) -> pd.DataFrame:
+    """Ridge probe quality at every layer, on one shared held-out split.
+
+    Args:
+        acts_by_layer: ``{layer: [n, d]}``, e.g. ``extract(lm, texts, layers)``.
+        y: [n] complexity labels (finite: drop failed labels first).
+    Returns one row per layer (index ``layer``): ``rmse``, ``pearson``, ``spearman``, ``r2`` with
+    ``_lo``/``_hi`` bootstrap CIs over test rows, the chosen ``lambda_``, its ``cv_rmse``, ``n_train``, ``n``.
+    """
+    if not acts_by_layer:
+        raise ValueError("acts_by_layer is empty; pass {layer: activations [n, d]}")
+    y = _as_float64(y, "y").cpu().flatten()
+    _check_finite(y, "y")
+    train, test = split_indices(len(y), test_frac=test_frac, seed=seed)
+    rows = []
+    for layer in sorted(acts_by_layer):
+        X, _ = _check_xy(acts_by_layer[layer], y)
+        row, _, _ = _ridge_row(X.cpu(), y, train, test, lambdas=lambdas, folds=folds, seed=seed, n_boot=n_boot,
+                               standardize=standardize)
+        rows.append({"layer": int(layer), **row})
+    return pd.DataFrame(rows).set_index("layer")
+
+
+# ----------------------------------------------------------------------------- control features
+def length_features(texts: Sequence[str], tokenizer=None, *, max_length: int | None = None) -> torch.Tensor:
+    """Length-only features [n, 6]: n tokens, n words, n chars and their log1p (so a linear fit can bend).
+
+    Pass the texts the model actually read (see ``activations.truncate_to_tokens``). Tokens are
+    counted with ``tokenizer`` (truncated to ``max_length`` when given); without a tokenizer the
+    token columns are dropped ([n, 4]).
+    """
+    texts = _texts(texts)
+    cols = []
+    if tokenizer is not None:
+        enc = tokenizer(texts, truncation=max_length is not None, max_length=max_length)["input_ids"]
+        cols.append([len(ids) for ids in enc])
+    cols.append([len(t.split()) for t in texts])
+    cols.append([len(t) for t in texts])
+    raw = torch.tensor(cols, dtype=torch.float64).T  # [n, 2 or 3]
+    return torch.cat([raw, raw.log1p()], dim=1)
+
+
+def _texts(texts: Sequence[str]) -> list[str]:
+    from .activations import _check_texts
+
+    return _check_texts(texts)
+
+
+def _token_ids(lm, texts: list[str], max_length: int) -> list[list[int]]:
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length must be an int >= 1, got {max_length!r}")
+    ids = lm.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]  # as extract() tokenises
+    for i, row in enumerate(ids):
+        if not row:
+            raise ValueError(f"texts[{i}] tokenises to zero tokens; drop it")
+    return ids
+
+
+@torch.inference_mode()
+def mean_input_embeddings(lm, texts: Sequence[str], max_length: int = 128, *, batch_size: int = 256) -> torch.Tensor:
+    """Bag-of-token-embeddings control: mean input embedding of each text's tokens, [n, d] float32 CPU.
+
+    Uses the model's own input-embedding module (so e.g. Gemma's embedding scale is applied) on
+    the same tokens ``extract`` reads (truncated to ``max_length``); no context processing at all.
+    """
+    texts = _texts(texts)
+    emb = lm._module.get_input_embeddings()
+    device = emb.weight.device
+    out = []
+    for start in range(0, len(texts), batch_size):
+        ids = _token_ids(lm, texts[start:start + batch_size], max_length)
+        lengths = torch.tensor([len(r) for r in ids])
+        flat = torch.tensor([t for r in ids for t in r], device=device)  # [n_tokens]
+        vecs = emb(flat).float()  # [n_tokens, d]
+        seg = torch.repeat_interleave(torch.arange(len(ids)), lengths).to(device)  # token -> text
+        sums = torch.zeros(len(ids), vecs.shape[1], device=device).index_add_(0, seg, vecs)  # [B, d]
+        out.append((sums / lengths.to(device)[:, None]).cpu())
+    return torch.cat(out)
+
+
+@torch.inference_mode()
+def last_token_embeddings(lm, texts: Sequence[str], max_length: int = 128) -> torch.Tensor:
+    """Embedding-layer control: input embedding of each text's last token, [n, d] float32 CPU.
+
+    For rotary-position models (SmolLM2, Llama, Gemma, Pythia, Qwen) this is exactly the embedding-layer
+    output (``hidden_states[0]``) at the last token; for models with learned absolute positions
+    (GPT-2) it leaves out the position vector.
+    """
+    texts = _texts(texts)
+    emb = lm._module.get_input_embeddings()
+    last = torch.tensor([r[-1] for r in _token_ids(lm, texts, max_length)], device=emb.weight.device)
+    return emb(last).float().cpu()
+
+
+def mean_pool(acts: torch.Tensor, text_index: torch.Tensor, n_texts: int) -> torch.Tensor:
+    """Mean over each text's tokens of ``extract(..., token="all")`` output: [n_tokens, d] -> [n_texts, d]."""
+    counts = torch.bincount(text_index, minlength=n_texts)  # [n_texts]
+    if (counts == 0).any():
+        raise ValueError(f"text {int((counts == 0).nonzero()[0])} has no tokens in text_index")
+    sums = torch.zeros(n_texts, acts.shape[1], dtype=acts.dtype).index_add_(0, text_index, acts)
+    return sums / counts[:, None]
+
+
+# ----------------------------------------------------------------------------- MLP probe
+class MLPProbe:
+    """Small nonlinear probe: d -> hidden -> hidden -> 1 (GELU), AdamW, early stopping on a validation split.
+
+    Inputs and targets are z-scored with training statistics; predictions are clamped to the
+    training label range like the ridge probe. Seeded: the same data and seed give the same probe.
+    """
+
+    def __init__(self, net: torch.nn.Module, x_mean, x_scale, y_mean: float, y_scale: float,
+                 y_min: float, y_max: float, history: list[dict]) -> None:
+        self.net, self.x_mean, self.x_scale = net, x_mean, x_scale
+        self.y_mean, self.y_scale, self.y_min, self.y_max = y_mean, y_scale, y_min, y_max
+        self.history = history
+
+    @classmethod
+    def fit(cls, X: Any, y: Any, *, hidden: int = 256, val_frac: float = 0.15, lr: float = 1e-3,
+            weight_decay: float = 1e-2, dropout: float = 0.1, batch_size: int = 256, max_epochs: int = 300,
+            patience: int = 20, seed: int = 0) -> MLPProbe:
+        X, y = _check_xy(X, y)
+        X, y = X.float().cpu(), y.float().cpu()
+        n_val = max(1, int(round(val_frac * len(y))))
+        if len(y) - n_val < 2:
+            raise ValueError(f"{len(y)} samples are too few for an MLP probe with val_frac={val_frac}")
+        g = torch.Generator().manual_seed(int(seed))
+        perm = torch.randperm(len(y), generator=g)
+        val, tr = perm[:n_val], perm[n_val:]
+        x_mean, x_std = X[tr].mean(0), X[tr].std(0, correction=0)
+        x_scale = torch.where(x_std > 0, x_std, torch.ones_like(x_std))
+        y_mean, y_scale = float(y[tr].mean()), float(y[tr].std(correction=0)) or 1.0
+        Xs, ys = (X - x_mean) / x_scale, (y - y_mean) / y_scale
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            net = torch.nn.Sequential(
+                torch.nn.Linear(X.shape[1], hidden), torch.nn.GELU(), torch.nn.Dropout(dropout),
+                torch.nn.Linear(hidden, hidden), torch.nn.GELU(), torch.nn.Dropout(dropout),
+                torch.nn.Linear(hidden, 1))
+            opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+            best, best_state, bad, history = math.inf, None, 0, []
+            for epoch in range(max_epochs):
+                net.train()
+                for idx in tr[torch.randperm(len(tr), generator=g)].split(batch_size):
+                    loss = torch.nn.functional.mse_loss(net(Xs[idx])[:, 0], ys[idx])
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                net.eval()
+                with torch.no_grad():
+                    val_rmse = float(((net(Xs[val])[:, 0] - ys[val]) ** 2).mean().sqrt()) * y_scale
+                history.append({"epoch": epoch, "val_rmse": val_rmse})
+                if val_rmse < best - 1e-6:
+                    best, bad = val_rmse, 0
+                    best_state = {k: v.clone() for k, v in net.state_dict().items()}
+                else:
+                    bad += 1
+                    if bad >= patience:
+                        break
+        net.load_state_dict(best_state)
+        net.eval()
+        return cls(net, x_mean, x_scale, y_mean, y_scale, float(y.min()), float(y.max()), history)
+
+    @torch.no_grad()
+    def predict(self, X: Any) -> torch.Tensor:
+        """Predicted complexity [n] (float32, CPU) for X [n, d]."""
+        t = (torch.as_tensor(np.asarray(X)) if not isinstance(X, torch.Tensor) else X).detach().float().cpu()
+        out = self.net((t - self.x_mean) / self.x_scale)[:, 0] * self.y_scale + self.y_mean
+        return out.clamp(self.y_min, self.y_max)
+
+
+# ----------------------------------------------------------------------------- controls table
+def controls_table(X: Any, y: Any, *, features: dict[str, Any] | None = None, test_frac: float = 0.2,
+                   seed: int = 0, n_boot: int = 1000, lambdas: Sequence[float] = LAMBDAS, folds: int = 5,
+                   standardize: bool = False, standardize_features: bool = True,
+                   mlp: bool | dict = True, return_predictions: bool = False):
+    """The probe on ``X`` against its controls, all on the same held-out split.
+
+    Rows (index ``model``): ``ridge probe`` (on X), ``shuffled labels`` (same probe, training labels
+    permuted; scored against the true test labels), one ridge row per entry of ``features``
+    (e.g. ``{"text length": length_features(...), "embedding layer": last_token_embeddings(...),
+    "mean input embeddings": mean_input_embeddings(...)}``, z-scored when ``standardize_features``)
+    and ``MLP probe`` (on X; ``mlp`` may be a dict of :meth:`MLPProbe.fit` arguments).
+    Columns: the metrics with CIs as in :func:`layer_sweep`, plus ``dpearson``/``dpearson_lo``/
+    ``dpearson_hi``: the probe's Pearson minus the row's, with a paired bootstrap CI (CI above 0:
+    the probe beats that row). With ``return_predictions`` also returns ``({model: pred}, y_test)``.
+    """
+    X, y = _check_xy(X, y)
+    X, y = X.cpu(), y.cpu()
+    train, test = split_indices(len(y), test_frac=test_frac, seed=seed)
+    kw = dict(lambdas=lambdas, folds=folds, seed=seed, n_boot=n_boot)
+    rows, preds = {}, {}
+    rows["ridge probe"], preds["ridge probe"], _ = _ridge_row(X, y, train, test, standardize=standardize, **kw)
+    rows["shuffled labels"], preds["shuffled labels"], _ = _ridge_row(X, y, train, test, standardize=standardize,
+                                                                      shuffle=True, **kw)
+    for name, F in (features or {}).items():
+        F, _ = _check_xy(F, y)
+        rows[name], preds[name], _ = _ridge_row(F.cpu(), y, train, test, standardize=standardize_features, **kw)
+    if mlp:
+        m = MLPProbe.fit(X[train], y[train], seed=seed, **(mlp if isinstance(mlp, dict) else {}))
+        preds["MLP probe"] = m.predict(X[test]).double()
+        rows["MLP probe"] = score_predictions(preds["MLP probe"], y[test], n_boot=n_boot, seed=seed)
+        rows["MLP probe"].update(n_train=len(train), epochs=len(m.history))
+    y_test = y[test]
+    base = preds["ridge probe"]
+    for name, row in rows.items():
+        d = bootstrap_ci(lambda a, b, t: pearson(a, t) - pearson(b, t), base, preds[name], y_test,
+                         n_boot=n_boot, seed=seed)
+        row.update(dpearson=d.estimate, dpearson_lo=d.lo, dpearson_hi=d.hi)
+    df = pd.DataFrame.from_dict(rows, orient="index")
+    df.index.name = "model"
+    return (df, preds, y_test) if return_predictions else df
+
+
+def permutation_null(X: Any, y: Any, *, n_perm: int = 20, test_frac: float = 0.2, seed: int = 0,
+                     lambdas: Sequence[float] = LAMBDAS, folds: int = 5, standardize: bool = False) -> pd.DataFrame:
+    """Test metrics of ridge probes fitted to ``n_perm`` permutations of the training labels.
+
+    Same split as :func:`controls_table`; one row per permutation (``rmse``, ``pearson``,
+    ``spearman``, ``r2``, ``lambda_``). Its spread is the null a real probe must clear, wider
+    than a bootstrap CI of one permutation (which ignores the permutation's own randomness).
+    """
+    X, y = _check_xy(X, y)
+    X, y = X.cpu(), y.cpu()
+    train, test = split_indices(len(y), test_frac=test_frac, seed=seed)
+    g = torch.Generator().manual_seed(int(seed) + 7919)
+    y_train = y[train]
+    Y = torch.stack([y_train[torch.randperm(len(train), generator=g)] for _ in range(n_perm)], 1)  # [n_train, P]
+    probes = fit_many(X[train], Y, lambdas=lambdas, folds=folds, seed=seed, standardize=standardize)
+    rows = []
+    for i, probe in enumerate(probes):
+        pred = probe.predict(X[test]).double()
+        rows.append({"perm": i, **{k: float(fn(pred, y[test])) for k, fn in METRICS.items()},
+                     "lambda_": probe.lambda_})
+    return pd.DataFrame(rows).set_index("perm")
+
+
+# ----------------------------------------------------------------------------- OneStopEnglish
+def onestop_transfer(probe: Any, acts: Any, levels: Any, topics: Sequence[Any], *, n_boot: int = 1000,
+                     seed: int = 0) -> dict[str, Any]:
+    """How a probe trained on rubric labels orders OneStopEnglish's human reading levels.
+
+    Args:
+        probe: anything with ``.predict(acts) -> [n]`` (a :class:`RidgeProbe`).
+        acts: [n, d] activations of the OneStopEnglish texts; levels: [n] in {0, 1, 2}
+            (elementary, intermediate, advanced); topics: [n] article ids (one article, three levels).
+    Returns ``spearman`` (with level, bootstrap ``_lo``/``_hi``), ``ordered_share`` (share of topics
+    with all three levels whose mean predictions are strictly elementary < intermediate < advanced),
+    ``pairwise_share`` (share of within-topic level pairs ordered correctly), ``n_topics``, ``n`` and
+    ``mean_by_level`` (mean prediction per level).
+    """
+    pred = _as_float64(probe.predict(acts), "predictions").cpu().flatten()
+    lev = _as_float64(levels, "levels").cpu().flatten()
+    topics = list(topics)
+    if not (len(pred) == len(lev) == len(topics)):
+        raise ValueError(f"acts, levels and topics have different lengths: {len(pred)}, {len(lev)}, {len(topics)}")
+    if not bool(torch.isin(lev, torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)).all()):
+        raise ValueError("levels must be 0 (elementary), 1 (intermediate) or 2 (advanced)")
+    ci = bootstrap_ci(spearman, pred, lev, n_boot=n_boot, seed=seed)
+    df = pd.DataFrame({"pred": pred.numpy(), "level": lev.numpy().astype(int), "topic": topics})
+    table = df.groupby(["topic", "level"])["pred"].mean().unstack("level").reindex(columns=[0, 1, 2])
+    full = table.dropna().to_numpy()  # [n_topics, 3]: mean prediction per level
+    pairs = np.stack([full[:, 1] > full[:, 0], full[:, 2] > full[:, 1], full[:, 2] > full[:, 0]], 1)
+    return {"spearman": ci.estimate, "spearman_lo": ci.lo, "spearman_hi": ci.hi,
+            "ordered_share": float(pairs[:, :2].all(1).mean()) if len(full) else math.nan,
+            "pairwise_share": float(pairs.mean()) if len(full) else math.nan,
+            "n_topics": len(full), "n": len(pred),
+            "mean_by_level": df.groupby("level")["pred"].mean().reindex([0, 1, 2]).tolist()}

@@ -1,0 +1,380 @@
+"""RidgeProbe against scikit-learn, CV choice, complexity_to_k, bad inputs, metrics and the controls."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from adaptivek import probe as pr
+from adaptivek.linear_encoding import (
+    MLPProbe,
+    controls_table,
+    layer_sweep,
+    length_features,
+    onestop_transfer,
+    permutation_null,
+    split_indices,
+)
+from adaptivek.probe import RidgeProbe, bootstrap_ci, complexity_to_k, pearson, rankdata, spearman
+
+sk_linear = pytest.importorskip("sklearn.linear_model")
+from sklearn.model_selection import KFold  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: OpenMP threads only add spin-wait overhead (severe on a shared 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _data(n=200, d=30, noise=1.0, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d)) * rng.uniform(0.2, 4.0, size=d) + rng.normal(size=d) * 3  # uneven scales, offsets
+    w = rng.normal(size=d)
+    return X, X @ w + 5.0 + noise * rng.normal(size=n)
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return np.abs(a - b).max() / np.abs(b).max()
+
+
+# ----------------------------------------------------------------------------- against scikit-learn
+@pytest.mark.parametrize("lam", [0.01, 1.0, 1000.0])
+@pytest.mark.parametrize("shape", [(200, 30), (40, 80)], ids=["tall", "wide"])
+def test_fixed_lambda_matches_sklearn_ridge(lam, shape):
+    X, y = _data(*shape)
+    p = RidgeProbe.fit(X, y, lambdas=[lam])
+    sk = sk_linear.Ridge(alpha=lam, fit_intercept=True, solver="svd").fit(X, y)
+    assert p.lambda_ == lam
+    assert _rel(p.weight, sk.coef_) < 1e-6
+    assert abs(float(p.bias) - sk.intercept_) / max(1.0, abs(sk.intercept_)) < 1e-6
+    assert _rel(p.predict(torch.from_numpy(X), clamp=False), sk.predict(X)) < 1e-6
+    assert _rel(p.predict(torch.from_numpy(X)), np.clip(sk.predict(X), y.min(), y.max())) < 1e-6
+
+
+def test_gram_route_and_standardize_match_sklearn(monkeypatch):
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = _data(300, 20)
+    monkeypatch.setattr(pr, "_SVD_MAX_ELEMENTS", 0)  # force the eigendecomposition of the Gram matrix
+    p = RidgeProbe.fit(X, y, lambdas=[10.0])
+    assert _rel(p.weight, sk_linear.Ridge(alpha=10.0).fit(X, y).coef_) < 1e-6
+    ps = RidgeProbe.fit(X, y, lambdas=[10.0], standardize=True)
+    pipe = make_pipeline(StandardScaler(), sk_linear.Ridge(alpha=10.0)).fit(X, y)
+    assert ps.standardize and _rel(ps.weight, pipe[1].coef_ / pipe[0].scale_) < 1e-6  # raw-unit weights
+    assert _rel(ps.predict(X, clamp=False), pipe.predict(X)) < 1e-6
+    assert _rel(RidgeProbe(standardize=True).fit(X, y, lambdas=[10.0]).weight, ps.weight) < 1e-12  # instance form
+
+
+def test_cv_picks_lowest_mean_validation_rmse():
+    X, y = _data(n=80, d=60, noise=4.0, seed=1)  # few samples, many features: the grid matters
+    splits = list(KFold(n_splits=5, shuffle=True, random_state=0).split(X))
+    grid = pr.LAMBDAS
+    want = np.zeros(len(grid))  # independent: sklearn Ridge per fold, clamped to the fold's label range
+    for tr, va in splits:
+        for j, lam in enumerate(grid):
+            pred = np.clip(sk_linear.Ridge(alpha=lam).fit(X[tr], y[tr]).predict(X[va]), y[tr].min(), y[tr].max())
+            want[j] += np.sqrt(np.mean((pred - y[va]) ** 2)) / len(splits)
+    p = RidgeProbe.fit(X, y, folds=[va for _, va in splits])
+    assert np.allclose(p.cv_rmse.numpy(), want, rtol=1e-6)
+    assert p.lambda_ == grid[int(np.argmin(want))]
+    assert want.max() / want.min() > 1.05  # the choice is not a toss-up
+    full = sk_linear.Ridge(alpha=p.lambda_).fit(X, y)  # refit on all rows given
+    assert _rel(p.weight, full.coef_) < 1e-6
+    # an int number of folds is the same as passing kfold_indices explicitly
+    a = RidgeProbe.fit(X, y, folds=5, seed=3)
+    b = RidgeProbe.fit(X, y, folds=pr.kfold_indices(len(y), 5, seed=3))
+    assert torch.equal(a.cv_rmse, b.cv_rmse) and a.cv_rmse_folds.shape == (5, len(grid))
+
+
+# ----------------------------------------------------------------------------- predict / evaluate / io
+def test_predictions_clamped_to_training_label_range():
+    X, y = _data()
+    p = RidgeProbe.fit(X, y)
+    extreme = torch.from_numpy(np.vstack([X * 50, -X * 50]))
+    pred, raw = p.predict(extreme), p.predict(extreme, clamp=False)
+    assert (pred >= y.min()).all() and (pred <= y.max()).all()
+    assert (raw < y.min()).any() and (raw > y.max()).any()  # the clamp did something
+    assert (p.y_min, p.y_max) == (y.min(), y.max())
+
+
+def test_device_and_dtype_handling():
+    X, y = _data()
+    p = RidgeProbe.fit(torch.tensor(X, dtype=torch.float32), torch.tensor(y, dtype=torch.float32))
+    assert p.weight.dtype == torch.float64  # solved in float64 whatever the input
+    x32 = torch.tensor(X[:5], dtype=torch.float32)
+    out = p.predict(x32)
+    assert out.dtype == torch.float32 and out.device == x32.device and out.shape == (5,)
+    assert p.predict(torch.tensor(X[:5])).dtype == torch.float64
+    assert p.predict(X[0]).shape == ()  # a single vector
+    ev = p.evaluate(x32, y[:5].tolist())
+    assert set(ev) == {"rmse", "pearson", "spearman", "r2", "n"} and ev["n"] == 5
+    if torch.cuda.is_available():
+        assert p.predict(x32.cuda()).device.type == "cuda"
+
+
+def test_evaluate_matches_independent_metrics():
+    from scipy import stats
+    from sklearn.metrics import mean_squared_error, r2_score
+
+    X, y = _data()
+    p = RidgeProbe.fit(X[:150], y[:150])
+    ev, pred = p.evaluate(X[150:], y[150:]), p.predict(X[150:]).numpy()
+    assert np.isclose(ev["rmse"], np.sqrt(mean_squared_error(y[150:], pred)))
+    assert np.isclose(ev["r2"], r2_score(y[150:], pred))
+    assert np.isclose(ev["pearson"], stats.pearsonr(pred, y[150:]).statistic)
+    assert np.isclose(ev["spearman"], stats.spearmanr(pred, y[150:]).statistic)
+
+
+def test_save_load_round_trip_exact(tmp_path):
+    X, y = _data()
+    p = RidgeProbe.fit(X, y, standardize=True)
+    p.save(tmp_path / "probe")
+    q = RidgeProbe.load(tmp_path / "probe")
+    for name in ("weight", "bias", "x_mean", "x_scale", "lambdas", "cv_rmse", "cv_rmse_folds"):
+        assert torch.equal(getattr(p, name), getattr(q, name)), name
+    assert (q.lambda_, q.y_min, q.y_max, q.standardize, q.n_train) == (p.lambda_, p.y_min, p.y_max, True, 200)
+    assert torch.equal(p.predict(X), q.predict(X))
+    emb = {"sae.W": torch.zeros(2), **p.to_tensors(prefix="probe.")}  # embedded in another file's dict
+    assert torch.equal(RidgeProbe.from_tensors(emb, prefix="probe.").weight, p.weight)
+    with pytest.raises(KeyError, match="not a saved RidgeProbe"):
+        RidgeProbe.from_tensors({"sae.W": torch.zeros(2)})
+    with pytest.raises(FileNotFoundError, match="no saved probe"):
+        RidgeProbe.load(tmp_path / "nothing")
+    with pytest.raises(RuntimeError, match="not fitted"):
+        RidgeProbe().predict(X)
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("case, match", [
+    ("length", "different lengths"),
+    ("nan_x", "X contains NaN or inf"),
+    ("inf_y", "y contains NaN or inf"),
+    ("constant_y", "y is constant"),
+    ("few_samples", r"fewer samples \(4\) than folds \(5\)"),
+    ("empty_grid", "lambdas is empty"),
+    ("negative_lambda", ">= 0"),
+    ("x_1d", "X must be 2-D"),
+    ("y_2d", "y must be 1-D"),
+    ("one_fold", "folds must be >= 2"),
+])
+def test_bad_input_raises_clearly(case, match):
+    X, y = _data(n=20, d=3)
+    kw = {}
+    if case == "length":
+        y = y[:-1]
+    elif case == "nan_x":
+        X[3, 1] = np.nan
+    elif case == "inf_y":
+        y[2] = np.inf
+    elif case == "constant_y":
+        y[:] = 4.0
+    elif case == "few_samples":
+        X, y = X[:4], y[:4]
+    elif case == "empty_grid":
+        kw["lambdas"] = []
+    elif case == "negative_lambda":
+        kw["lambdas"] = [1.0, -0.1]
+    elif case == "x_1d":
+        X = X[:, 0]
+    elif case == "y_2d":
+        y = np.stack([y, y], 1)
+    elif case == "one_fold":
+        kw["folds"] = 1
+    with pytest.raises(ValueError, match=match):
+        RidgeProbe.fit(X, y, **kw)
+
+
+def test_predict_rejects_wrong_width():
+    X, y = _data(d=5)
+    with pytest.raises(ValueError, match=r"shape \[\.\.\., 5\]"):
+        RidgeProbe.fit(X, y).predict(np.zeros((3, 4)))
+
+
+# ----------------------------------------------------------------------------- complexity_to_k
+def test_complexity_to_k_table():
+    assert complexity_to_k([0.0, 5.0, 10.0]).tolist() == [34, 170, 306]
+    # the digest's table, computed from the reference code, for three k_max settings
+    c = [0, 2, 3.2, 4, 5, 6, 7, 8, 8.7, 10]
+    assert complexity_to_k(c).tolist() == [34, 63, 96, 126, 170, 214, 251, 277, 291, 306]
+    assert complexity_to_k(c, k_max=480).tolist() == [42, 85, 137, 183, 250, 317, 374, 415, 435, 458]
+    assert complexity_to_k(c, k_max=640).tolist() == [49, 108, 177, 240, 330, 420, 496, 552, 579, 611]
+
+
+def test_complexity_to_k_types_shapes_monotonic():
+    c = torch.linspace(-5, 15, 2001)
+    k = complexity_to_k(c)
+    assert k.dtype == torch.int64 and k.shape == c.shape
+    assert (k.diff() >= 0).all() and k.min() >= 20 and k.max() <= 320
+    assert complexity_to_k(5.0).shape == () and int(complexity_to_k(5)) == 170
+    assert complexity_to_k(np.array([[0.0, 10.0]])).tolist() == [[34, 306]]
+    assert complexity_to_k(torch.tensor([5.0], dtype=torch.float16)).tolist() == [170]
+    assert complexity_to_k([0.0, 10.0], k_min=7, k_max=7).tolist() == [7, 7]
+    # with a very steep sigmoid the clamp bounds are reached
+    assert complexity_to_k([-100.0, 100.0], steepness=1e3).tolist() == [20, 320]
+
+
+@pytest.mark.parametrize("kw, exc, match", [
+    ({"k_min": 400}, ValueError, r"k_min \(400\) > k_max \(320\)"),
+    ({"k_min": 0}, ValueError, "k_min must be >= 1"),
+    ({"c_min": 10.0, "c_max": 10.0}, ValueError, "c_max must be finite and > c_min"),
+    ({"steepness": -1.0}, ValueError, "steepness must be"),
+    ({"k_max": 320.5}, TypeError, "k_max must be an int"),
+])
+def test_complexity_to_k_bad_input(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        complexity_to_k([1.0, 2.0], **kw)
+
+
+def test_complexity_to_k_rejects_nan():
+    with pytest.raises(ValueError, match="NaN"):
+        complexity_to_k([1.0, float("nan")])
+
+
+# ----------------------------------------------------------------------------- metrics
+def test_rank_metrics_match_scipy_with_ties():
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 6, size=97).astype(float), rng.normal(size=97)
+    assert np.array_equal(rankdata(a).numpy(), stats.rankdata(a))
+    assert np.isclose(float(spearman(a, b)), stats.spearmanr(a, b).statistic)
+    assert np.isclose(float(pearson(a, b)), stats.pearsonr(a, b).statistic)
+    batch = torch.tensor(np.stack([a, b]))  # [2, n]: metrics reduce over the last dim
+    assert np.allclose(spearman(batch, batch.flip(0)).numpy(), stats.spearmanr(a, b).statistic)
+
+
+def test_bootstrap_ci_vectorised_equals_loop_and_covers():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=120)
+    b = a + rng.normal(size=120)
+    v = bootstrap_ci(pearson, a, b, n_boot=300, seed=1)
+    s = bootstrap_ci(lambda x, y: float(pearson(x, y)), a, b, n_boot=300, seed=1, vectorized=False)
+    assert np.allclose(v, s)
+    assert v.lo < v.estimate < v.hi and v.hi - v.lo < 0.4
+    with pytest.raises(ValueError, match="different lengths"):
+        bootstrap_ci(pearson, a, b[:-1])
+
+
+# ----------------------------------------------------------------------------- layer sweep and controls
+def _planted(n=300, d=16, seed=0):
+    """Layer 1 carries y linearly (plus noise), layer 0 is pure noise; y is 'complexity' in [0, 10]."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.rand(n, generator=g, dtype=torch.float64) * 10
+    noise = torch.randn(n, d, generator=g, dtype=torch.float64)
+    direction = torch.randn(d, generator=g, dtype=torch.float64)
+    signal = noise + (y[:, None] - 5) * direction / direction.norm()
+    return {0: noise.float(), 1: signal.float()}, y
+
+
+def test_layer_sweep_finds_the_planted_layer():
+    acts, y = _planted()
+    df = layer_sweep(acts, y, n_boot=200)
+    assert list(df.index) == [0, 1] and (df["n"] == 60).all() and (df["n_train"] == 240).all()
+    assert df.loc[1, "pearson"] > 0.8 and df.loc[1, "pearson_lo"] > df.loc[0, "pearson_hi"]
+    assert df.loc[1, "rmse"] < df.loc[0, "rmse"]
+    assert (df["pearson_lo"] <= df["pearson"]).all() and (df["pearson"] <= df["pearson_hi"]).all()
+
+
+def test_controls_probe_beats_shuffled_labels_and_length():
+    acts, y = _planted()
+    texts_len = torch.rand(len(y), 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    df, preds, y_test = controls_table(acts[1], y, features={"text length": texts_len}, n_boot=200,
+                                       mlp={"hidden": 32, "max_epochs": 40, "patience": 5},
+                                       return_predictions=True)
+    assert list(df.index) == ["ridge probe", "shuffled labels", "text length", "MLP probe"]
+    assert (df["n"] == len(y_test)).all()
+    shuffled, probe = df.loc["shuffled labels"], df.loc["ridge probe"]
+    # permuted labels predict nothing (its Pearson can be far from 0: see permutation_null's docstring)
+    assert shuffled["r2"] < 0.05 and shuffled["rmse"] > 2 * probe["rmse"]
+    assert shuffled["dpearson_lo"] > 0.3  # paired bootstrap CI of the gap lies above 0
+    assert df.loc["text length", "r2"] < 0.05 and df.loc["text length", "dpearson_lo"] > 0
+    assert probe["pearson"] > 0.8 and probe["r2"] > 0.7 and df.loc["MLP probe", "pearson"] > 0.6
+    assert df.loc["ridge probe", "dpearson"] == 0
+    _, test = split_indices(len(y))
+    assert torch.equal(y_test, y[test])  # every row scored on the same test rows
+
+
+def test_permutation_null_predicts_nothing():
+    acts, y = _planted(n=200)
+    null = permutation_null(acts[1], y, n_perm=5, lambdas=(1.0, 1000.0), folds=3)
+    real = layer_sweep({1: acts[1]}, y, n_boot=10).iloc[0]
+    assert len(null) == 5 and null["r2"].max() < 0.5 * real["r2"]
+    assert null["rmse"].min() > 1.5 * real["rmse"]
+    # (its Pearson is not a good null here: one dominant label direction in X makes the shrunken
+    # permuted-label probes correlate with y, with a random sign; see permutation_null's docstring)
+
+
+def test_mlp_probe_is_seeded():
+    acts, y = _planted(n=120)
+    kw = dict(hidden=16, max_epochs=15, patience=5, seed=3)
+    assert torch.equal(MLPProbe.fit(acts[1], y, **kw).predict(acts[1]), MLPProbe.fit(acts[1], y, **kw).predict(acts[1]))
+
+
+def test_length_features_without_tokenizer():
+    f = length_features(["one two three", "a"])
+    assert f.shape == (2, 4) and f[0, :2].tolist() == [3, 13] and torch.allclose(f[:, 2:], f[:, :2].log1p())
+
+
+def test_onestop_transfer_ordering():
+    class Identity:  # a "probe" whose prediction is the first feature
+        def predict(self, X):
+            return torch.as_tensor(X)[:, 0]
+
+    levels = torch.tensor([0, 1, 2] * 4)
+    topics = [t for t in "abcd" for _ in range(3)]
+    good = onestop_transfer(Identity(), (levels.double() + torch.arange(12) * 0.01)[:, None], levels, topics, n_boot=50)
+    assert good["ordered_share"] == 1.0 and good["pairwise_share"] == 1.0 and good["n_topics"] == 4
+    assert good["spearman"] > 0.9
+    bad_x = torch.tensor([2.0, 1.0, 0.0, 0.0, 1.0, 2.0] * 2)[:, None]  # topics a, c reversed; b, d right
+    res = onestop_transfer(Identity(), bad_x, levels, topics, n_boot=50)
+    assert res["ordered_share"] == 0.5 and res["mean_by_level"] == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="levels must be 0"):
+        onestop_transfer(Identity(), bad_x, levels + 1, topics)
+
+
+@pytest.mark.slow
+def test_embedding_controls_match_manual(tiny_gemma2):
+    from adaptivek.linear_encoding import last_token_embeddings, mean_input_embeddings
+
+    texts = ["The capital of France is Paris.", "Short one.", "Sparse autoencoders decompose activations."]
+    emb, tok = tiny_gemma2._module.get_input_embeddings(), tiny_gemma2.tokenizer
+    with torch.no_grad():
+        rows = [emb(torch.tensor(tok(t, truncation=True, max_length=5)["input_ids"])) for t in texts]
+    got = mean_input_embeddings(tiny_gemma2, texts, max_length=5, batch_size=2)
+    assert got.shape == (3, 64) and torch.allclose(got, torch.stack([r.mean(0) for r in rows]), atol=1e-6)
+    assert torch.allclose(last_token_embeddings(tiny_gemma2, texts, max_length=5), torch.stack([r[-1] for r in rows]))
+    with torch.no_grad():  # the embedding-layer output at the last token, as transformers reports it
+        enc = tok(texts[:1], return_tensors="pt", truncation=True, max_length=5)
+        h0 = tiny_gemma2._module(**enc, output_hidden_states=True).hidden_states[0][0, -1]
+    assert torch.allclose(last_token_embeddings(tiny_gemma2, texts[:1], max_length=5)[0], h0, atol=1e-6)
+    feats = length_features(texts, tok, max_length=5)
+    assert feats.shape == (3, 6) and feats[:, 0].tolist() == [len(r) for r in rows]
+
+
+def test_fit_many_equals_separate_fits():
+    X, y = _data(n=90, d=12, noise=3.0)
+    rng = np.random.default_rng(1)
+    Y = np.stack([y, rng.permutation(y), y * 2 + 1], 1)
+    many = pr.fit_many(X, Y, folds=4, seed=2, standardize=True)
+    for j, p in enumerate(many):
+        q = RidgeProbe.fit(X, Y[:, j], folds=4, seed=2, standardize=True)
+        assert p.lambda_ == q.lambda_ and torch.allclose(p.cv_rmse, q.cv_rmse, rtol=1e-10)
+        assert torch.allclose(p.weight, q.weight, rtol=1e-9, atol=1e-12) and torch.allclose(p.bias, q.bias)
+        assert (p.y_min, p.y_max) == (q.y_min, q.y_max)
+
+
+def test_mean_pool():
+    from adaptivek.linear_encoding import mean_pool
+
+    acts = torch.arange(10.0).reshape(5, 2)
+    got = mean_pool(acts, torch.tensor([0, 0, 1, 1, 1]), 2)
+    assert got.tolist() == [[1.0, 2.0], [6.0, 7.0]]
+    with pytest.raises(ValueError, match="has no tokens"):
+        mean_pool(acts, torch.tensor([0, 0, 0, 0, 0]), 2)
