@@ -1,0 +1,168 @@
+"""train_sae: recovery of a known dictionary, the three AdaptiveK phases, resume, faithful k gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adaptivek.sae import AdaptiveKSAE, TopKSAE
+from adaptivek.training import TrainConfig, _update_delta, lr_factor, train_sae
+
+
+def _close(a, b, rtol=1.3e-6, atol=1e-5):
+    """assert_close without importing torch.testing (seconds of import time on a busy machine)."""
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert torch.allclose(a, b, rtol=rtol, atol=atol), f"max abs diff {(a - b).abs().max().item():.3g}"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _dictionary_data(n=4096, d=32, atoms=64, k=4, seed=0):
+    """x = sum of k random unit atoms (of `atoms`) with magnitudes in [0.5, 1.5]."""
+    g = torch.Generator().manual_seed(seed)
+    D = torch.randn(atoms, d, generator=g)
+    D /= D.norm(dim=1, keepdim=True)
+    idx = torch.rand(n, atoms, generator=g).topk(k, dim=1).indices
+    codes = torch.zeros(n, atoms).scatter_(1, idx, torch.rand(n, k, generator=g) + 0.5)
+    return codes @ D, D, codes
+
+
+def _complexity_data(n=1024, d=16, seed=0):
+    """Vectors whose complexity label is linear in them (so the probe works), in [0, 10]."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g)
+    y = (5 + 1.5 * X[:, 0] + torch.randn(n, generator=g) * 0.5).clamp(0, 10)
+    return X, y
+
+
+def _small_cfg(**kw):
+    base = dict(steps=12, batch_size=128, warmup_steps=2, dead_after_vectors=256, phase_ratio=0.5, probe_folds=3)
+    return TrainConfig(**(base | kw))
+
+
+def test_recovers_a_known_sparse_dictionary():
+    X, D, _ = _dictionary_data()
+    sae = TopKSAE(32, 64, 4, seed=0)
+    sae, hist = train_sae(sae, X, cfg=TrainConfig(steps=200, batch_size=256, lr=1e-2), progress=False)
+    with torch.no_grad():
+        out = sae(X)
+    assert 1 - out.fvu.item() > 0.9
+    cos = (D @ sae.W_dec.T).max(1).values  # best match of each true atom
+    assert (cos > 0.9).float().mean() >= 0.9
+    _close(sae.W_dec.norm(dim=1), torch.ones(64))  # unit rows after training
+    assert hist["fve"].iloc[-1] > hist["fve"].iloc[0] and (hist["l0"] <= 4).all()
+
+
+def test_adaptive_k_three_phases_in_history():
+    X, y = _complexity_data()
+    sae = AdaptiveKSAE(16, 64, k_min=2, k_max=20, seed=0)
+    sae, hist = train_sae(sae, X, y, _small_cfg(), progress=False)
+    assert sae.probe.is_fitted
+    assert list(hist["phase"].unique()) == [1, 2, 3]
+    assert hist.loc[hist.phase == 1, "step"].tolist() == [0]
+    assert hist.loc[hist.phase == 3, "step"].min() == 7  # int(0.5 * 12) = 6 -> the 7th update
+    p3 = hist[hist.phase == 3]
+    assert p3["probe_loss"].notna().all() and p3["deviation_weight"].between(0.01, 0.5).all()
+    assert hist.loc[hist.phase == 2, "probe_loss"].isna().all()
+    assert (hist.loc[hist.phase > 1, "k_min"] >= 2).all() and (hist.loc[hist.phase > 1, "k_max"] <= 20).all()
+    _close(sae.W_dec.norm(dim=1), torch.ones(64))
+    assert hist.loc[hist.phase > 1, "lr"].iloc[-1] < hist.loc[hist.phase > 1, "lr"].max()  # decayed
+
+
+def test_faithful_mode_gives_the_probe_no_gradient_from_the_sae():
+    """γ = 0 leaves only the SAE loss on the probe: faithful (rounded k) must not move it, ST must."""
+    X, y = _complexity_data()
+    moved = {}
+    for mode in ("none", "straight_through"):
+        sae = AdaptiveKSAE(16, 64, k_min=2, k_max=20, seed=0)
+        sae, _ = train_sae(sae, X, y, _small_cfg(probe_weight=0.0, k_gradient=mode, fit_probe=True),
+                           progress=False)
+        from adaptivek.probe import RidgeProbe
+
+        w0 = RidgeProbe.fit(X, y, folds=3).weight
+        moved[mode] = float((sae.probe.weight - w0).abs().max())
+    assert moved["none"] < 1e-6  # only float32 round-off of the float64 fit
+    assert moved["straight_through"] > 1e-4
+
+
+def test_faithful_sae_loss_has_no_path_to_the_probe():
+    X, y = _complexity_data(n=200)
+    from adaptivek.probe import RidgeProbe
+
+    sae = AdaptiveKSAE(16, 64, RidgeProbe.fit(X, y, folds=3), k_min=2, k_max=20, seed=0)
+    w = sae.probe.weight.float().requires_grad_(True)
+    pred = (X @ w + sae.probe.bias.float()).clamp(0, 10)
+    out = sae(X, sae.k_from_complexity(pred.detach()))
+    assert torch.autograd.grad(out.mse, w, allow_unused=True)[0] is None
+    out = sae(X, sae.k_from_complexity(pred.detach()), k_soft=sae.soft_k(pred))
+    assert torch.autograd.grad(out.mse, w)[0].abs().sum() > 0
+
+
+def test_checkpoint_resume_equals_uninterrupted_run(tmp_path):
+    X, y = _complexity_data(n=600)
+    cfg = _small_cfg(checkpoint_every=4)
+    ref, ref_hist = train_sae(AdaptiveKSAE(16, 64, k_min=2, k_max=20, seed=0), X, y, cfg, progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_10(step, row):
+        if step == 10:
+            raise Stop
+
+    with pytest.raises(Stop):  # dies after step 10: the last checkpoint is step 8 (inside phase 3)
+        train_sae(AdaptiveKSAE(16, 64, k_min=2, k_max=20, seed=0), X, y, cfg, progress=False,
+                  checkpoint_dir=tmp_path, callback=stop_at_10)
+    fresh = AdaptiveKSAE(16, 64, k_min=2, k_max=20, seed=123)  # different init: the checkpoint must win
+    res, res_hist = train_sae(fresh, X, y, cfg, progress=False, checkpoint_dir=tmp_path)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, res.state_dict()[k]), k
+    assert torch.equal(ref.probe.weight, res.probe.weight)
+    cols = [c for c in ref_hist.columns if c != "time_s"]
+    assert ref_hist[cols].equals(res_hist[cols])
+    with pytest.raises(ValueError, match="different config"):
+        train_sae(AdaptiveKSAE(16, 64, k_min=2, k_max=20), X, y, _small_cfg(lr=5e-3), progress=False,
+                  checkpoint_dir=tmp_path)
+
+
+def test_lr_schedule_and_deviation_rule():
+    f = [lr_factor(s, 100, 10, 0.8) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == 1.0 and f[50] == 1.0
+    assert f[80] == pytest.approx(1.0) and f[99] == pytest.approx(0.05) and f[90] < f[85]
+    cfg = TrainConfig()
+    ps = {"delta": 0.2, "losses": []}
+    for loss in (1.0, 0.9, 0.8):  # fell 20 % over 3 steps -> relax
+        _update_delta(ps, loss, cfg)
+    assert ps["delta"] == pytest.approx(0.16)
+    for loss in [0.8] * 20:  # stalled -> tighten, capped at 0.5
+        _update_delta(ps, loss, cfg)
+    assert ps["delta"] == 0.5
+
+
+def test_bad_training_inputs():
+    X, y = _complexity_data(n=100)
+    sae = AdaptiveKSAE(16, 64, k_min=2, k_max=20)
+    with pytest.raises(ValueError, match="labels have the wrong length: y has 99 entries but X has 100"):
+        train_sae(sae, X, y[:99], _small_cfg(), progress=False)
+    with pytest.raises(ValueError, match="needs the complexity labels"):
+        train_sae(sae, X, None, _small_cfg(), progress=False)
+    y_nan = y.clone()
+    y_nan[7] = float("nan")
+    with pytest.raises(ValueError, match=r"y contains NaN or inf at 1 row\(s\) \(first: \[7\]\)"):
+        train_sae(sae, X, y_nan, _small_cfg(), progress=False)
+    X_nan = X.clone()
+    X_nan[3, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"X contains NaN or inf in 1 row\(s\) \(first: \[3\]\)"):
+        train_sae(TopKSAE(16, 64, 4), X_nan, cfg=_small_cfg(), progress=False)
+    with pytest.raises(ValueError, match=r"shape \[n, d_in=16\]"):
+        train_sae(TopKSAE(16, 64, 4), X[:, :8], cfg=_small_cfg(), progress=False)
+    with pytest.raises(ValueError, match="phase_ratio"):
+        TrainConfig(phase_ratio=0.0)
+    with pytest.raises(ValueError, match="k_gradient"):
+        TrainConfig(k_gradient="soft")
