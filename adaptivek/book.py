@@ -24,6 +24,7 @@ import yaml
 from ._io import atomic_path, write_json
 
 RESERVED_PARAMETERS = ("profile", "artifacts_dir", "dry_run")
+EMBEDDED = ("smollm2-135m",)
 
 
 class ChapterFailed(RuntimeError):
@@ -80,13 +81,31 @@ def load_profile(name: str, root: Path) -> dict[str, Any]:
         known = sorted(p.stem for p in (root / "book" / "profiles").glob("*.yaml"))
         raise FileNotFoundError(f"unknown profile {name!r}: {path} does not exist; known profiles: {known}")
     prof = yaml.safe_load(path.read_text()) or {}
-    unknown = set(prof) - {"description", "defaults", "chapters", "estimate"}
+    unknown = set(prof) - {"description", "defaults", "chapters", "estimate", "dry_run"}
     if unknown:
         raise ValueError(f"profile {name!r} has unknown top-level keys {sorted(unknown)}; "
-                         f"use description, defaults, chapters, estimate")
+                         f"use description, defaults, chapters, estimate, dry_run")
     prof.setdefault("defaults", {})
     prof.setdefault("chapters", {})
     return prof
+
+
+def dry_run_profile(prof: dict[str, Any]) -> dict[str, Any]:
+    """The profile a ``--dry-run`` uses: its ``dry_run`` overrides applied, the model made random.
+
+    The model keeps its architecture and size (``random:<hub id>`` builds it from the stored
+    config, with the embedded tokenizer), so the paper profile's code path runs offline.
+    """
+    over = prof.get("dry_run") or {}
+    out = {**prof, "defaults": {**prof["defaults"], **(over.get("defaults") or {})}}
+    out["chapters"] = {name: {**(prof["chapters"].get(name) or {}), **((over.get("chapters") or {}).get(name) or {})}
+                       for name in set(prof["chapters"]) | set(over.get("chapters") or {})}
+    model = out["defaults"].get("model")
+    if model and model not in EMBEDDED and not str(model).startswith("random:"):
+        out["defaults"]["model"] = f"random:{model}"
+    if over.get("estimate"):
+        out["estimate"] = over["estimate"]
+    return out
 
 
 def chapter_parameters(notebook: Path, profile: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -120,6 +139,8 @@ def run_book(
 
     root = root or repo_root()
     prof = load_profile(profile, root)
+    if dry_run:
+        prof = dry_run_profile(prof)
     chapters = toc_chapters(root)
     if only:
         names = {c.stem for c in chapters}
@@ -130,7 +151,8 @@ def run_book(
     tag = f"{profile}-dry" if dry_run else profile
     artifacts = root / "_build" / "artifacts" / tag
     artifacts.mkdir(parents=True, exist_ok=True)
-    out_dir = root / "_build" / "executed"
+    # dry runs must not replace the executed chapters the HTML is built from
+    out_dir = root / "_build" / ("executed" if not dry_run else f"executed-dry/{profile}")
     extra = {"profile": profile, "artifacts_dir": str(artifacts), "dry_run": dry_run}
     if prof.get("description"):
         log(f"profile {profile}: {prof['description'].strip()}")
