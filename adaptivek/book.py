@@ -108,11 +108,26 @@ def dry_run_profile(prof: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def declared_parameters(notebook: Path) -> set[str]:
+    """Names assigned in the notebook's ``parameters`` cell (parsed with ``ast``; comments may hold '=')."""
+    import ast
+
+    import nbformat
+
+    nb = nbformat.read(str(notebook), as_version=4)
+    names: set[str] = set()
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "parameters" in cell.metadata.get("tags", []):
+            for node in ast.parse(cell.source).body:
+                targets = node.targets if isinstance(node, ast.Assign) else \
+                    [node.target] if isinstance(node, ast.AnnAssign) else []
+                names.update(t.id for t in targets if isinstance(t, ast.Name))
+    return names
+
+
 def chapter_parameters(notebook: Path, profile: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """Parameters for one chapter: profile defaults it declares + its own section + ``extra``."""
-    import papermill as pm
-
-    declared = set(pm.inspect_notebook(str(notebook)))
+    declared = declared_parameters(notebook)
     if not declared:
         raise ValueError(f"{notebook.name} has no cell tagged 'parameters'; every chapter needs one")
     own = profile["chapters"].get(notebook.stem, {}) or {}

@@ -207,17 +207,15 @@ def load_model(
         name: ``"smollm2-135m"`` (embedded, offline), a hub id such as
             ``"EleutherAI/pythia-70m-deduped"``, a local model directory, or ``"random:<hub id>"``
             for a randomly initialised model with that model's stored config (dry runs).
-        device: where to put the weights (default CPU); e.g. ``"cuda"``.
+        device: where to put the weights (default CPU); ``"cuda"``, or ``"auto"`` for CUDA when present.
         dtype: weight dtype (default float32), e.g. ``torch.bfloat16`` or ``"bfloat16"``.
         revision: hub revision (branch, tag or commit), recorded in activation-cache keys.
         block_path: attribute path of the decoder-block list, for architectures we do not know.
     """
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"model name must be a non-empty string, got {name!r}")
-    if isinstance(dtype, str):
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32' or 'bfloat16'")
-        dtype = getattr(torch, dtype)
+    dtype = _dtype(dtype)
+    device = pick_device(device)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name.startswith(RANDOM_PREFIX):  # dry runs: same architecture and size, random weights
@@ -234,8 +232,42 @@ def load_model(
             hf_logging.enable_progress_bar()
     if tok.pad_token is None:  # GPT-NeoX / GPT-2 ship without a pad token
         tok.pad_token = tok.eos_token
-    model.eval().to(device or "cpu")
+    model.eval().to(device)
     return wrap_model(model, tok, name=name, revision=revision, block_path=block_path)
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """``None``/"cpu" -> CPU; ``"auto"`` -> CUDA when present, else MPS, else CPU; anything else as given."""
+    if device is None:
+        return torch.device("cpu")
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32' or 'bfloat16'")
+        return getattr(torch, dtype)
+    return dtype
+
+
+def load_tokenizer(name: str = "smollm2-135m", *, revision: str | None = None):
+    """Only the tokenizer of ``name`` (``random:<id>`` models use the embedded tokenizer)."""
+    from transformers import AutoTokenizer
+
+    if name.startswith(RANDOM_PREFIX):
+        name = "smollm2-135m"
+    source, kwargs = _resolve_source(name, revision)
+    tok = AutoTokenizer.from_pretrained(source, **kwargs)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 def wrap_model(model: torch.nn.Module, tokenizer, *, name: str, revision: str | None = None,

@@ -16,12 +16,12 @@ TEXTS = [
 
 def _reference(lm, texts, layer):
     """transformers' own hidden_states[layer + 1], one unpadded text at a time."""
-    hf, tok = lm._module, lm.tokenizer
+    base, tok = lm._module.base_model, lm.tokenizer  # the decoder stack without the unembedding
     last, full = [], []
     for t in texts:
         enc = tok([t], return_tensors="pt")
         with torch.inference_mode():
-            hs = hf(**enc, output_hidden_states=True).hidden_states[layer + 1][0]
+            hs = base(**enc, output_hidden_states=True).hidden_states[layer + 1][0]
         last.append(hs[-1])
         full.append(hs)
     return torch.stack(last), full
