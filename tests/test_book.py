@@ -98,3 +98,28 @@ def test_real_chapters_are_committed_clean_with_a_parameters_cell():
         for cell in nb.cells:
             if cell.cell_type == "code":
                 assert not cell.outputs and cell.execution_count is None, f"{path.name} has outputs committed"
+
+
+def test_parameters_are_read_from_the_cell_even_with_comments_holding_equals(tmp_path):
+    path = tmp_path / "c.ipynb"
+    _nb(path, "artifacts_dir = '.'\nexpansion = 4   # d_sae = expansion * d_model\nk: int = 3", "pass")
+    assert book.declared_parameters(path) == {"artifacts_dir", "expansion", "k"}
+
+
+def test_dry_run_profile_makes_the_model_random_and_applies_overrides():
+    prof = {"defaults": {"model": "EleutherAI/pythia-70m-deduped", "n_texts": 260000},
+            "chapters": {"a": {"steps": 1831, "d_sae": 16384}},
+            "dry_run": {"defaults": {"n_texts": 64}, "chapters": {"a": {"steps": 10}}}}
+    dry = book.dry_run_profile(prof)
+    assert dry["defaults"] == {"model": "random:EleutherAI/pythia-70m-deduped", "n_texts": 64}
+    assert dry["chapters"]["a"] == {"steps": 10, "d_sae": 16384}  # sizes kept unless overridden
+    assert book.dry_run_profile({"defaults": {"model": "smollm2-135m"}, "chapters": {}})["defaults"]["model"] \
+        == "smollm2-135m"  # the embedded model is already offline
+
+
+def test_paper_profiles_only_set_parameters_their_chapters_declare():
+    for name in ("pythia-70m", "pythia-160m", "gemma-2-2b"):
+        prof = book.load_profile(name, ROOT)
+        for variant in (prof, book.dry_run_profile(prof)):
+            for nb in book.toc_chapters(ROOT):
+                book.chapter_parameters(nb, variant, {})  # raises on a key the chapter does not declare
