@@ -1,0 +1,374 @@
+"""Evaluating sparse autoencoders: reconstruction metrics and downstream next-token loss.
+
+``evaluate(sae, X)`` streams ``X`` in batches and returns one set of formulas for every SAE:
+
+* ``mse``: mean squared error **per element**, ``Σ‖x - x̂‖² / (n · d)`` (the training loss's unit);
+* ``fve``: fraction of variance explained over the whole set, ``1 - Σ‖x - x̂‖² / Σ‖x - x̄‖²`` with the
+  mean ``x̄`` of this evaluation set subtracted (SAELens before 6.45.1 and the reference code's
+  per-context variant got this wrong: see ``reference/paper.md`` §5 flaws 6-7). ``Σ‖x - x̄‖²`` is
+  accumulated with Chan et al.'s pairwise merge of per-batch means and sums of squares in float64,
+  so a large common offset does not cancel catastrophically;
+* ``cosine`` (mean over rows of cos(x, x̂)), ``l2_ratio`` (mean over rows of ‖x̂‖ / ‖x‖, SAEBench's);
+* ``l0_mean``, ``l0_std`` and ``l0`` (every row's number of active latents), ``dead_frac`` (latents
+  that never fired on this set), ``ever_fired_frac`` and ``n``.
+
+An evaluation set of one vector has no variance, so FVE is undefined: ``evaluate`` raises instead of
+returning NaN (the reference code's Gemma evaluation ran with batches of one and got NaN).
+
+``downstream_loss(lm, sae, texts, layer)`` splices the reconstruction into the model with nnsight and
+measures next-token cross-entropy. In ``token="last"`` mode the SAE replaces the residual stream after
+block ``layer`` at each text's **second-to-last** real token ``t = n - 2`` and we score the prediction of
+the **last** real token ``n - 1`` from position ``t``: the only position whose loss the splice can
+change that still has a target inside the text. Three numbers, on the same texts and positions:
+``ce_clean`` (no splice), ``ce_sae`` (``x`` replaced by ``x̂``) and ``ce_ablate`` (``x`` replaced by a
+mean activation), and ``frac_recovered = (ce_ablate - ce_sae) / (ce_ablate - ce_clean)``.
+
+Only position ``t`` is changed, and a causal model's earlier positions do not see it, so we run the
+model once per batch on tokens ``0..t`` (clean loss, the activation at ``t`` and the key/value cache of
+``0..t-1``) and then **one token per SAE** on top of that cache: comparing a dozen SAEs costs about one
+forward pass instead of a dozen (``method="kv"``). ``method="full"`` re-runs the whole sequence for every
+splice; both give the same numbers (tested), and ``"auto"`` uses the cache when the model's cache can be
+rolled back exactly (not for sliding-window layers).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import Tensor
+
+
+class Encoder(Protocol):
+    """What ``evaluate`` and ``downstream_loss`` need from an SAE: dense ``encode`` and ``decode``."""
+
+    def encode(self, x: Tensor, k: Any = None) -> Tensor: ...  # [B, d_in] -> [B, d_sae]
+    def decode(self, codes: Tensor) -> Tensor: ...  # [B, d_sae] -> [B, d_in]
+
+
+# ----------------------------------------------------------------------------- helpers
+def _param_device_dtype(sae: Any, x: Tensor) -> tuple[torch.device, torch.dtype]:
+    p = next(iter(sae.parameters()), None) if hasattr(sae, "parameters") else None
+    return (p.device, p.dtype) if p is not None else (x.device, x.dtype)
+
+
+def _check_k(k: Any, n: int) -> Tensor | int | None:
+    if k is None or (isinstance(k, int) and not isinstance(k, bool)):
+        return k
+    if callable(k) and not isinstance(k, Tensor):
+        return k
+    if not isinstance(k, Tensor):
+        k = torch.as_tensor(k)
+    if k.ndim == 0:
+        return int(k)
+    if k.shape != (n,) or k.is_floating_point() or k.dtype == torch.bool:
+        raise ValueError(f"k must be None, an int or an integer tensor [n={n}] (one k per row), got "
+                         f"{k.dtype} {tuple(k.shape)}")
+    return k
+
+
+def reconstruct(sae: Encoder, x: Tensor, k: Tensor | int | None = None) -> tuple[Tensor, Tensor]:
+    """``(x_hat [B, d_in], codes [B, d_sae])`` of ``x`` on the SAE's device and dtype (no gradient)."""
+    device, dtype = _param_device_dtype(sae, x)
+    xb = x.to(device=device, dtype=dtype)
+    with torch.no_grad():
+        if k is None:
+            codes = sae.encode(xb)
+        else:
+            codes = sae.encode(xb, k=k.to(device) if isinstance(k, Tensor) else k)
+        return sae.decode(codes), codes
+
+
+# ----------------------------------------------------------------------------- evaluate
+@torch.no_grad()
+def evaluate(sae: Encoder, X: Tensor, *, batch_size: int = 4096, k: int | Tensor | None = None,
+             per_row: bool = False) -> dict[str, Any]:
+    """Reconstruction metrics of ``sae`` on ``X [n, d_in]``, streamed in batches (module docstring).
+
+    Args:
+        sae: anything with ``encode(x, k=None) -> codes [B, d_sae]`` and ``decode(codes) -> [B, d_in]``
+            (``TopKSAE``, ``AdaptiveKSAE``, ...). Inputs are moved to its device and dtype.
+        X: evaluation vectors, one per row (at least 2, not all equal: FVE needs variance).
+        batch_size: rows per batch; the result does not depend on it.
+        k: None (the SAE's own k), an int, an integer tensor [n] with each row's k, or a function of a
+            batch [B, d_in] returning its k [B].
+        per_row: also return ``row_sq_err`` (‖x - x̂‖² [n]), ``row_cosine`` [n] and ``row_l2_ratio`` [n]
+            (float64 CPU tensors), which is what bootstrap CIs resample.
+
+    Returns a dict: ``mse`` (per element), ``fve``, ``fvu``, ``cosine``, ``l2_ratio``, ``l0_mean``,
+    ``l0_std``, ``l0`` (int64 tensor [n]), ``dead_frac``, ``ever_fired_frac``, ``n``, ``d_in``, ``d_sae``.
+    """
+    if not isinstance(X, Tensor):
+        raise TypeError(f"X must be a torch.Tensor [n, d_in], got {type(X).__name__}")
+    if X.ndim != 2:
+        raise ValueError(f"X must be 2-D [n, d_in], got shape {tuple(X.shape)}")
+    n, d = X.shape
+    if n < 2:
+        raise ValueError(f"the evaluation set has {n} row(s): FVE = 1 - SSE / Σ‖x - mean(x)‖² is undefined "
+                         f"without at least 2 vectors (the variance of one vector is 0/0); evaluate on more rows")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if not torch.isfinite(X).all():
+        rows = (~torch.isfinite(X).all(1)).nonzero().flatten()
+        raise ValueError(f"X contains NaN or inf in {len(rows)} row(s) (first: {rows[:5].tolist()}); drop them")
+    k = _check_k(k, n)
+
+    f64 = torch.float64
+    sse = torch.zeros((), dtype=f64)
+    mean = torch.zeros(d, dtype=f64)  # running mean of x
+    m2 = torch.zeros((), dtype=f64)  # running Σ‖x - mean‖²
+    seen = 0
+    l0s, cos_rows, ratio_rows, err_rows = [], [], [], []
+    fired: Tensor | None = None
+    for start in range(0, n, batch_size):
+        xb = X[start:start + batch_size]
+        kb = k[start:start + batch_size] if isinstance(k, Tensor) else k(xb) if callable(k) else k
+        x_hat, codes = reconstruct(sae, xb, kb)
+        x64, h64 = xb.to(device="cpu", dtype=f64), x_hat.detach().to(device="cpu", dtype=f64)
+        err = (x64 - h64).pow(2).sum(1)  # [B]
+        sse += err.sum()
+        # Chan et al.: merge (seen, mean, m2) with this batch's (nb, mean_b, m2_b)
+        nb = len(xb)
+        mean_b = x64.mean(0)
+        m2_b = (x64 - mean_b).pow(2).sum()
+        delta = mean_b - mean
+        m2 += m2_b + delta.pow(2).sum() * seen * nb / (seen + nb)
+        mean += delta * nb / (seen + nb)
+        seen += nb
+        xn, hn = x64.norm(dim=1), h64.norm(dim=1)  # [B]
+        cos_rows.append((x64 * h64).sum(1) / (xn * hn).clamp_min(1e-30))
+        ratio_rows.append(hn / xn.clamp_min(1e-30))
+        err_rows.append(err)
+        active = codes != 0  # [B, d_sae]
+        l0s.append(active.sum(1).cpu())
+        fired = active.any(0).cpu() if fired is None else fired | active.any(0).cpu()
+    if not m2 > 0:
+        raise ValueError("every row of X is the same vector: Σ‖x - mean(x)‖² = 0, so FVE is undefined")
+    l0 = torch.cat(l0s).to(torch.int64)
+    cos_all, ratio_all = torch.cat(cos_rows), torch.cat(ratio_rows)
+    fve = float(1 - sse / m2)
+    out: dict[str, Any] = {
+        "mse": float(sse / (n * d)), "fve": fve, "fvu": 1 - fve, "cosine": float(cos_all.mean()),
+        "l2_ratio": float(ratio_all.mean()), "l0_mean": float(l0.double().mean()),
+        "l0_std": float(l0.double().std()), "l0": l0, "dead_frac": float(1 - fired.double().mean()),
+        "ever_fired_frac": float(fired.double().mean()), "n": n, "d_in": d, "d_sae": int(fired.numel())}
+    if per_row:
+        out |= {"row_sq_err": torch.cat(err_rows), "row_cosine": cos_all, "row_l2_ratio": ratio_all}
+    return out
+
+
+# ----------------------------------------------------------------------------- downstream loss
+def _tokenize(tok: Any, texts: Sequence[str], max_length: int) -> tuple[Tensor, Tensor]:
+    """Left-padded ``(input_ids, attention_mask)`` [N, T]: column -1 is every row's last real token."""
+    from .activations import _check_texts
+
+    texts = _check_texts(texts)
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise ValueError(f"max_length must be an int >= 2 (one token to splice, one to predict), got {max_length!r}")
+    enc = tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt", padding_side="left")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    short = mask.sum(1) < 2
+    if short.any():
+        i = int(short.nonzero()[0])
+        raise ValueError(f"{int(short.sum())} text(s) have fewer than 2 tokens (first: texts[{i}] = {texts[i]!r}); "
+                         f"the next-token loss needs a token to splice at and a token to predict: drop them")
+    return ids, mask
+
+
+def _block_out(envoy: Any) -> Any:
+    """The residual-stream tensor of a block's output inside a trace (GPT-2-style blocks return tuples)."""
+    out = envoy.output
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _trace(lm: Any, layer: int, ids: Tensor, mask: Tensor, pos: Tensor, *, splice: Tensor | None = None,
+           read: bool = False, cache: Any = None) -> tuple[Tensor, Tensor | None]:
+    """One nnsight trace: logits at the last column [B, vocab], optionally reading / overwriting the
+    block output at the last column (``read``: returns it, ``splice [B, d]``: writes it)."""
+    from .models import blocks
+
+    kw: dict[str, Any] = {"use_cache": cache is not None}
+    if cache is not None:
+        kw[_cache_kwarg(lm)] = cache
+    x = None
+    with torch.inference_mode(), lm.trace(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                          logits_to_keep=1, **kw):
+        h = _block_out(blocks(lm)[layer])  # [B, T, d]
+        if read:
+            x = h[:, -1].save()
+        if splice is not None:
+            h[:, -1] = splice
+        logits = lm.output.logits[:, -1].save()  # [B, vocab]
+    return logits.float(), (x.float() if x is not None else None)
+
+
+def _cache_kwarg(lm: Any) -> str:
+    """transformers >= 5.2x names the cache argument ``cache``; earlier versions ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(lm._module.forward).parameters else "past_key_values"
+
+
+def _can_roll_back(cache: Any) -> bool:
+    return bool(getattr(cache, "is_croppable", False)) and hasattr(cache, "crop")
+
+
+@torch.no_grad()
+def downstream_losses(lm: Any, saes: Mapping[str, Encoder], texts: Sequence[str], layer: int, *,
+                      max_length: int = 128, batch_size: int = 32, token: Literal["last"] = "last",
+                      scale: float = 1.0, k: Mapping[str, Tensor | int | None] | None = None,
+                      mean: Tensor | None = None, method: Literal["auto", "kv", "full"] = "auto",
+                      progress: bool = False) -> dict[str, Any]:
+    """Next-token loss with several SAEs spliced in turn, sharing the clean and mean-ablated passes.
+
+    Args:
+        lm: a model from :func:`adaptivek.load_model` / ``wrap_model``.
+        saes: name -> SAE (``encode``/``decode``); each sees ``x * scale`` and its ``x̂ / scale`` is spliced.
+        texts: contexts of at least 2 tokens (after truncation to ``max_length``).
+        layer: the block whose output the SAEs reconstruct.
+        token: "last" (the only mode): splice at the second-to-last real token, score the last one.
+        scale: the factor the SAEs' training activations were multiplied by (1.0: none).
+        k: optional name -> per-text k passed to that SAE's ``encode``: an int, a tensor [len(texts)], or a
+            function of the batch's scaled activations [B, d] returning [B] (e.g. BatchTopK's batch rule).
+        mean: the activation [d_model] (model units) that the mean-ablated baseline splices in. None: the
+            mean over these texts at the splice position (one extra early-stopped pass).
+        method: "kv" (one cached token per SAE), "full" (whole sequence per SAE) or "auto".
+
+    Returns ``{"ce_clean", "ce_ablate", "n", "rows_clean" [n], "rows_ablate" [n], "saes": {name: {"ce_sae",
+    "frac_recovered", "delta_ce", "l0_mean", "rows" [n], "l0" [n]}}}``; losses in nats, float64 CPU rows.
+    """
+    from .activations import _check_layers
+    from .models import model_device
+
+    if token != "last":
+        raise ValueError(f"token must be 'last' (splice at the second-to-last real token and score the last); "
+                         f"got {token!r}")
+    if not isinstance(saes, Mapping) or not saes:
+        raise ValueError("saes must be a non-empty mapping name -> SAE")
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise TypeError(f"layer must be an int (the block the SAEs were trained on), got {layer!r}")
+    layer = _check_layers(lm, layer)[0]
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+    if method not in ("auto", "kv", "full"):
+        raise ValueError(f"method must be 'auto', 'kv' or 'full', got {method!r}")
+    ids_all, mask_all = _tokenize(lm.tokenizer, texts, max_length)
+    n = len(ids_all)
+    ks = {name: _check_k((k or {}).get(name), n) for name in saes}
+    unknown = set(k or {}) - set(saes)
+    if unknown:
+        raise ValueError(f"k names SAEs that are not in saes: {sorted(unknown)}")
+    device = model_device(lm)
+    if mean is None:
+        mean = _splice_mean(lm, layer, ids_all, mask_all, batch_size)
+    mean = torch.as_tensor(mean, dtype=torch.float32).flatten()
+
+    from tqdm.auto import tqdm
+
+    rows: dict[str, list[Tensor]] = {"clean": [], "ablate": []} | {s: [] for s in saes}
+    l0s: dict[str, list[Tensor]] = {s: [] for s in saes}
+    order = torch.argsort(mask_all.sum(1), descending=True, stable=True)  # similar lengths share a batch
+    for start in tqdm(range(0, n, batch_size), desc="downstream loss", disable=not progress, unit="batch"):
+        sl = order[start:start + batch_size]
+        ids, mask = ids_all[sl], mask_all[sl]
+        # drop columns that are padding in every row (texts were left-padded to the longest of all)
+        keep = mask.any(0).nonzero()[0, 0]
+        ids, mask = ids[:, keep:].to(device), mask[:, keep:].to(device)
+        target = ids[:, -1]  # [B] the last real token
+        p_ids, p_mask = ids[:, :-1], mask[:, :-1]  # tokens 0..t, t = second-to-last
+        p_pos = (p_mask.cumsum(1) - 1).clamp(min=0)
+        use_kv = method != "full"
+        cache = None
+        if use_kv:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=lm._module.config)
+        logits, x = _trace(lm, layer, p_ids, p_mask, p_pos, read=True, cache=cache)
+        if use_kv and not _can_roll_back(cache):
+            if method == "kv":
+                raise ValueError("this model's cache cannot be rolled back (sliding-window layers?); use method='full'")
+            use_kv = False
+        if use_kv:
+            cache.crop(-1)  # forget position t: every splice re-runs it on top of positions 0..t-1
+            s_ids, s_mask, s_pos = p_ids[:, -1:], p_mask, p_pos[:, -1:]
+        else:
+            cache = None
+            s_ids, s_mask, s_pos = p_ids, p_mask, p_pos
+
+        step = (s_ids, s_mask, s_pos, cache)
+        rows["clean"].append(torch.nn.functional.cross_entropy(logits, target, reduction="none").double().cpu())
+        rows["ablate"].append(_spliced_ce(lm, layer, step, mean.to(x.dtype).expand_as(x), target))
+        x_cpu = x.cpu()
+        for name, sae in saes.items():
+            kn = ks[name]
+            kb = kn[sl] if isinstance(kn, Tensor) else kn(x_cpu * scale) if callable(kn) else kn
+            x_hat, codes = reconstruct(sae, x_cpu * scale, kb)
+            l0s[name].append((codes != 0).sum(1).cpu())
+            rows[name].append(_spliced_ce(lm, layer, step, x_hat.float() / scale, target))
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(n)
+    cat = {name: torch.cat(v)[inverse] for name, v in rows.items()}
+    l0_rows = {name: torch.cat(v)[inverse].to(torch.int64) for name, v in l0s.items()}
+    clean, ablate = float(cat["clean"].mean()), float(cat["ablate"].mean())
+    result: dict[str, Any] = {"ce_clean": clean, "ce_ablate": ablate, "n": n, "rows_clean": cat["clean"],
+                              "rows_ablate": cat["ablate"], "saes": {}}
+    for name in saes:
+        ce = float(cat[name].mean())
+        l0 = l0_rows[name]
+        result["saes"][name] = {"ce_sae": ce, "delta_ce": ce - clean, "frac_recovered": frac_recovered(clean, ce, ablate),
+                                "l0_mean": float(l0.double().mean()), "rows": cat[name], "l0": l0}
+    return result
+
+
+def _spliced_ce(lm: Any, layer: int, step: tuple[Tensor, Tensor, Tensor, Any], vec: Tensor, target: Tensor) -> Tensor:
+    """Per-row CE [B] of ``target`` with ``vec [B, d]`` written at the last column; rolls the cache back."""
+    ids, mask, pos, cache = step
+    logits, _ = _trace(lm, layer, ids, mask, pos, splice=vec.to(ids.device), cache=cache)
+    if cache is not None:
+        cache.crop(-1)
+    return torch.nn.functional.cross_entropy(logits, target, reduction="none").double().cpu()
+
+
+def frac_recovered(ce_clean: float, ce_sae: float, ce_ablate: float) -> float:
+    """``(ce_ablate - ce_sae) / (ce_ablate - ce_clean)``: 1 = the splice costs nothing, 0 = as bad as the mean."""
+    gap = ce_ablate - ce_clean
+    return (ce_ablate - ce_sae) / gap if gap != 0 else math.nan
+
+
+def _splice_mean(lm: Any, layer: int, ids_all: Tensor, mask_all: Tensor, batch_size: int) -> Tensor:
+    """Mean block-``layer`` output at every text's second-to-last real token (early-stopped passes)."""
+    from .activations import _trace_batch
+    from .models import blocks, model_device
+
+    device, parts = model_device(lm), []
+    for start in range(0, len(ids_all), batch_size):
+        ids, mask = ids_all[start:start + batch_size, :-1].to(device), mask_all[start:start + batch_size, :-1].to(device)
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        out = _trace_batch(lm, blocks(lm), [layer], layer, ids, mask, pos, False)[layer]  # [B, T, d]
+        parts.append(out[:, -1].double().sum(0).cpu())
+    return (torch.stack(parts).sum(0) / len(ids_all)).float()
+
+
+def downstream_loss(lm: Any, sae: Encoder, texts: Sequence[str], layer: int, *, max_length: int = 128,
+                    batch_size: int = 32, token: Literal["last"] = "last", scale: float = 1.0,
+                    k: Tensor | int | None = None, mean: Tensor | None = None,
+                    method: Literal["auto", "kv", "full"] = "auto", progress: bool = False) -> dict[str, Any]:
+    """Next-token cross-entropy with ``sae``'s reconstruction spliced in (see the module docstring).
+
+    Returns ``ce_clean``, ``ce_sae``, ``ce_ablate`` (nats, mean over texts), ``frac_recovered``,
+    ``delta_ce`` (``ce_sae - ce_clean``), ``l0_mean`` (at the spliced positions), ``n``, and per-text
+    float64 tensors ``rows_clean``, ``rows_sae``, ``rows_ablate``. Arguments as :func:`downstream_losses`.
+    """
+    res = downstream_losses(lm, {"sae": sae}, texts, layer, max_length=max_length, batch_size=batch_size,
+                            token=token, scale=scale, k=None if k is None else {"sae": k}, mean=mean,
+                            method=method, progress=progress)
+    s = res.pop("saes")["sae"]
+    return res | {"ce_sae": s["ce_sae"], "delta_ce": s["delta_ce"], "frac_recovered": s["frac_recovered"],
+                  "l0_mean": s["l0_mean"], "rows_sae": s["rows"], "l0": s["l0"]}
+
+
+__all__ = ["evaluate", "downstream_loss", "downstream_losses", "frac_recovered", "reconstruct"]

@@ -1,0 +1,315 @@
+"""evaluate / downstream_loss against direct computations, and the comparison's building blocks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from adaptivek import TopKSAE
+from adaptivek.comparison import (
+    BatchTopKSAE,
+    TableKSAE,
+    _recon_stats,
+    bootstrap_counts,
+    compare,
+    interpolate,
+    load_results,
+    pareto_mask,
+    rank_match,
+)
+from adaptivek.evaluation import downstream_loss, downstream_losses, evaluate
+
+
+class Identity(torch.nn.Module):
+    """A stand-in SAE whose reconstruction is its input (codes = x, so L0 = d_in)."""
+
+    def encode(self, x, k=None):
+        return x
+
+    def decode(self, codes):
+        return codes
+
+
+class Shrink(torch.nn.Module):
+    """A stand-in SAE with a visible reconstruction error."""
+
+    def encode(self, x, k=None):
+        return x
+
+    def decode(self, codes):
+        return 0.6 * codes + 0.1
+
+
+@pytest.fixture()
+def data():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(37, 12, generator=g) + 40.0  # a large common offset: FVE must subtract the mean
+    sae = TopKSAE(12, 48, 5, seed=1)
+    with torch.no_grad():
+        sae.b_dec.copy_(X.mean(0))
+    return X, sae
+
+
+def test_evaluate_matches_direct_computation(data):
+    X, sae = data
+    res = evaluate(sae, X)
+    with torch.no_grad():
+        codes = sae.encode(X)
+        x_hat = sae.decode(codes)
+    err = (X - x_hat).double().pow(2)
+    Xd = X.double()
+    fve = 1 - err.sum() / (Xd - Xd.mean(0)).pow(2).sum()
+    assert res["fve"] == pytest.approx(float(fve), rel=1e-6)
+    assert res["fvu"] == pytest.approx(1 - float(fve), rel=1e-6)
+    assert res["mse"] == pytest.approx(float(err.mean()), rel=1e-6)
+    cos = torch.nn.functional.cosine_similarity(X.double(), x_hat.double(), dim=1)
+    assert res["cosine"] == pytest.approx(float(cos.mean()), rel=1e-6)
+    ratio = x_hat.double().norm(dim=1) / Xd.norm(dim=1)
+    assert res["l2_ratio"] == pytest.approx(float(ratio.mean()), rel=1e-6)
+    l0 = (codes != 0).sum(1)
+    assert torch.equal(res["l0"], l0)
+    assert res["l0_mean"] == pytest.approx(float(l0.double().mean()))
+    assert res["l0_std"] == pytest.approx(float(l0.double().std()))
+    fired = (codes != 0).any(0).double().mean()
+    assert res["ever_fired_frac"] == pytest.approx(float(fired))
+    assert res["dead_frac"] == pytest.approx(1 - float(fired))
+    assert res["n"] == 37 and res["d_sae"] == 48
+    # the pre-6.45.1 SAELens formula (no mean subtracted) is a different number here: the test can fail
+    wrong = 1 - err.sum() / Xd.pow(2).sum()
+    assert abs(float(wrong) - res["fve"]) > 0.1
+
+
+def test_fve_is_stable_with_a_huge_offset():
+    g = torch.Generator().manual_seed(0)
+    X = (torch.randn(64, 8, generator=g, dtype=torch.float64) + 1e4).float()
+    res = evaluate(Identity(), X, batch_size=5)
+    assert res["fve"] == pytest.approx(1.0, abs=1e-9)  # perfect reconstruction: no cancellation noise
+    shrunk = evaluate(Shrink(), X, batch_size=7)
+    x_hat = (0.6 * X + 0.1).double()  # what the stand-in computes, in float32
+    direct = 1 - (X.double() - x_hat).pow(2).sum() / (X.double() - X.double().mean(0)).pow(2).sum()
+    assert shrunk["fve"] == pytest.approx(float(direct), rel=1e-9)
+
+
+def test_streaming_equals_one_batch(data):
+    X, sae = data
+    one = evaluate(sae, X, batch_size=4096, per_row=True)
+    many = evaluate(sae, X, batch_size=4, per_row=True)
+    for key in ("mse", "fve", "cosine", "l2_ratio", "l0_mean", "l0_std", "dead_frac", "ever_fired_frac"):
+        assert many[key] == pytest.approx(one[key], rel=1e-9, abs=1e-12), key
+    assert torch.equal(many["l0"], one["l0"])
+    assert torch.allclose(many["row_sq_err"], one["row_sq_err"])
+
+
+def test_one_row_and_constant_sets_raise(data):
+    X, sae = data
+    with pytest.raises(ValueError, match="undefined"):
+        evaluate(sae, X[:1])
+    with pytest.raises(ValueError, match="same vector"):
+        evaluate(sae, X[:1].expand(5, -1).contiguous())
+    bad = X.clone()
+    bad[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        evaluate(sae, bad)
+
+
+def test_per_row_k(data):
+    X, sae = data
+    k = torch.arange(len(X)) % 4 + 1
+    res = evaluate(sae, X, k=k, batch_size=6)
+    assert torch.equal(res["l0"], k)  # enough positive pre-activations: exactly k_i active
+    with pytest.raises(ValueError, match="one k per row"):
+        evaluate(sae, X, k=k[:-1])
+
+
+# ----------------------------------------------------------------------------- downstream loss
+TEXTS = ["The capital of France is Paris.", "Hi there", "Sparse autoencoders split activations into features.",
+         "one two three four five six seven"]
+
+
+def test_identity_splice_gives_clean_loss(tiny_neox):
+    res = downstream_loss(tiny_neox, Identity(), TEXTS, 1, max_length=16, batch_size=3)
+    assert torch.allclose(res["rows_sae"], res["rows_clean"], atol=1e-5)
+    assert res["frac_recovered"] == pytest.approx(1.0, abs=1e-4)
+    assert not torch.allclose(res["rows_ablate"], res["rows_clean"], atol=1e-3)  # the ablation does something
+    # clean loss = the model's own next-token loss of each text's last token, text by text, unpadded
+    hf = tiny_neox._module
+    tok = tiny_neox.tokenizer
+    direct = []
+    for t in TEXTS:
+        ids = tok(t, return_tensors="pt", truncation=True, max_length=16).input_ids
+        with torch.no_grad():
+            logits = hf(ids).logits[0, -2]
+        direct.append(float(torch.nn.functional.cross_entropy(logits[None], ids[0, -1:])))
+    assert torch.allclose(res["rows_clean"], torch.tensor(direct, dtype=torch.float64), atol=1e-4)
+
+
+def test_cached_and_full_splices_agree(tiny_neox):
+    saes = {"id": Identity(), "shrink": Shrink()}
+    kv = downstream_losses(tiny_neox, saes, TEXTS, 2, max_length=16, batch_size=2, method="kv")
+    full = downstream_losses(tiny_neox, saes, TEXTS, 2, max_length=16, batch_size=2, method="full")
+    for name in saes:
+        assert torch.allclose(kv["saes"][name]["rows"], full["saes"][name]["rows"], atol=1e-4)
+    assert torch.allclose(kv["rows_ablate"], full["rows_ablate"], atol=1e-4)
+    # the splice really happens: a lossy reconstruction changes the loss
+    assert not torch.allclose(kv["saes"]["shrink"]["rows"], kv["rows_clean"], atol=1e-3)
+    # scale: the SAE sees x * scale and x_hat / scale is spliced, so an identity stays an identity
+    scaled = downstream_losses(tiny_neox, {"id": Identity()}, TEXTS, 2, max_length=16, scale=7.0)
+    assert torch.allclose(scaled["saes"]["id"]["rows"], scaled["rows_clean"], atol=1e-4)
+
+
+def test_downstream_rejects_bad_input(tiny_neox):
+    with pytest.raises(ValueError, match="fewer than 2 tokens"):
+        downstream_loss(tiny_neox, Identity(), ["Hi", "Hello there my friend"], 1, max_length=1 + 1)
+    with pytest.raises(ValueError, match="out of range"):
+        downstream_loss(tiny_neox, Identity(), TEXTS, 99)
+    with pytest.raises(ValueError, match="token must be 'last'"):
+        downstream_loss(tiny_neox, Identity(), TEXTS, 1, token="all")
+
+
+# ----------------------------------------------------------------------------- comparison pieces
+def test_batchtopk_keeps_k_times_batch_and_thresholds():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 16, generator=g)
+    sae = BatchTopKSAE(16, 64, 4, seed=0)
+    out = sae(X)  # a training-mode forward (grad enabled): k·B activations over the batch
+    assert int(out.l0.sum()) == 4 * 40
+    assert out.l0.float().std() > 0  # rows differ
+    assert torch.isfinite(sae.threshold)
+    sae.freeze(X)
+    with torch.no_grad():
+        pre = torch.relu((X - sae.b_dec) @ sae.W_enc + sae.b_enc)
+        codes = sae.encode(X)
+    assert torch.equal(codes != 0, pre > sae.threshold)
+    assert abs(int((codes != 0).sum()) - 4 * 40) <= 1  # calibrated on this very batch
+
+
+def test_tablek_looks_up_rows_and_refuses_strangers():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(30, 8, generator=g)
+    k = torch.arange(30) % 5 + 1
+    sae = TableKSAE(8, 32, X, k, seed=0)
+    perm = torch.randperm(30, generator=g)
+    out = sae(X[perm])
+    assert torch.equal(out.k, k[perm])
+    with pytest.raises(ValueError, match="not in this TableKSAE"):
+        sae(X[:3] + 1e-3)
+
+
+def test_interpolation_pareto_and_rank_match():
+    xp = torch.tensor([[10.0, 20.0, 40.0]])
+    fp = torch.tensor([[0.1, 0.3, 0.5]])
+    assert float(interpolate(torch.tensor([15.0]), xp, fp, log=False)) == pytest.approx(0.2)
+    assert float(interpolate(torch.tensor([20.0 * 2 ** 0.5]), xp, fp, log=True)) == pytest.approx(0.4)
+    assert torch.isnan(interpolate(torch.tensor([50.0]), xp, fp))
+    assert pareto_mask([1, 2, 3], [0.5, 0.4, 0.9]) == [True, False, True]
+    assert pareto_mask([1, 2], [0.5, 0.4], higher_better=False) == [True, True]
+    k = rank_match(torch.tensor([3.0, 1.0, 2.0]), torch.tensor([10, 30, 20]))
+    assert k.tolist() == [30, 10, 20]
+
+
+def test_bootstrap_fve_equals_fve_of_the_resample():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(25, 6, generator=g, dtype=torch.float64) + 3
+    err = torch.rand(25, generator=g, dtype=torch.float64)
+    W = bootstrap_counts(25, 4, seed=3)
+    rows = {"sq_err": err, "cosine": err, "l2_ratio": err, "l0": err}
+    stats = _recon_stats(W, rows, X - X.mean(0))
+    for r in range(4):
+        idx = torch.repeat_interleave(torch.arange(25), W[r].long())  # the resampled rows
+        Xr = X[idx]
+        direct = 1 - err[idx].sum() / (Xr - Xr.mean(0)).pow(2).sum()
+        assert float(stats["fve"][r]) == pytest.approx(float(direct), rel=1e-10)
+
+
+def _small_compare(tmp_path, **kw):
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(120, 16, generator=g) * 2 + 5
+    y = (X[:, :4].sum(1) + torch.randn(120, generator=g)).double() / 2 + 5
+    texts = [f"text number {i} " + "word " * (i % 9) for i in range(120)]
+    args = dict(out=tmp_path / "results.json", texts_train=texts[:90], texts_test=texts[90:], d_sae=32, steps=4,
+                batch_size=32, topk_ks=(2, 4, 8), k_ranges=((2, 8),), n_boot=50, log=None)
+    return compare(X[:90], y[:90], X[90:], y[90:], **(args | kw))
+
+
+def test_compare_writes_results_json(tmp_path):
+    comp = _small_compare(tmp_path)
+    res = load_results(tmp_path / "results.json")
+    names = set(res["saes"])
+    batchtopk = sorted(n for n in names if n.startswith("batchtopk_"))
+    assert len(batchtopk) == 2 and batchtopk[1] == batchtopk[0] + "_batch"  # threshold and batch-rule inference
+    k = res["saes"][batchtopk[0]]["k"]
+    assert res["saes"][batchtopk[1]]["metrics"]["l0_mean"] == pytest.approx(k, abs=0.5)  # the batch rule keeps k·n
+    assert names - set(batchtopk) == {"topk_2", "topk_4", "topk_8", "adaptivek_2_8", "shuffled_k", "length_k"}
+    assert res["saes"]["shuffled_k"]["metrics"]["l0_mean"] == pytest.approx(
+        res["saes"]["adaptivek_2_8"]["metrics"]["l0_mean"], abs=0.5)  # same k distribution
+    assert set(res["vs_topk"]["adaptivek_2_8"]) == {"fve", "cosine", "mse"}
+    assert len(res["by_complexity"]["bins"]) == 3
+    assert res["downstream"]["skipped"]
+    assert json.loads((tmp_path / "results.json").read_text()) == res
+    assert set(comp.rows["sae"]) == set(res["saes"])
+
+
+def test_compare_leaves_no_partial_file_when_a_step_fails(tmp_path, monkeypatch):
+    import adaptivek.comparison as cmp
+
+    def boom(*a, **k):
+        raise RuntimeError("evaluation exploded")
+
+    monkeypatch.setattr(cmp, "evaluate", boom)
+    with pytest.raises(RuntimeError, match="exploded"):
+        _small_compare(tmp_path)
+    assert list(tmp_path.iterdir()) == []  # neither results.json nor a temporary file
+    # and the atomic writer itself: a failure while serialising leaves the old file untouched
+    from adaptivek._io import write_json
+
+    target = tmp_path / "r.json"
+    write_json(target, {"ok": 1})
+    with pytest.raises(TypeError):
+        write_json(target, {"bad": object()})
+    assert json.loads(target.read_text()) == {"ok": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_compare_rejects_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="NaN"):
+        g = torch.Generator().manual_seed(0)
+        X = torch.randn(20, 4, generator=g)
+        y = torch.rand(20, dtype=torch.float64)
+        y[3] = float("nan")
+        compare(X[:10], y[:10], X[10:], y[10:], out=tmp_path / "r.json", d_sae=8, topk_ks=(1, 2), k_ranges=((1, 2),))
+    with pytest.raises(ValueError, match="d_sae"):
+        compare(X[:10], torch.rand(10), X[10:], torch.rand(10), out=tmp_path / "r.json", d_sae=8, topk_ks=(1, 16),
+                k_ranges=((1, 2),))
+
+
+def test_sliding_window_model_and_text_order(tiny_gemma2):
+    # Gemma-2 has sliding-window layers: "auto" must give the same numbers as re-running everything
+    auto = downstream_losses(tiny_gemma2, {"shrink": Shrink()}, TEXTS, 1, max_length=16, batch_size=2)
+    full = downstream_losses(tiny_gemma2, {"shrink": Shrink()}, TEXTS, 1, max_length=16, batch_size=2, method="full")
+    assert torch.allclose(auto["saes"]["shrink"]["rows"], full["saes"]["shrink"]["rows"], atol=1e-4)
+    # rows come back in the order of the texts, whatever the internal length sorting does
+    rev = downstream_losses(tiny_gemma2, {"shrink": Shrink()}, TEXTS[::-1], 1, max_length=16, batch_size=3)
+    assert torch.allclose(rev["rows_clean"].flip(0), auto["rows_clean"], atol=1e-4)
+
+
+def test_compare_with_downstream_loss(tmp_path, tiny_neox):
+    from adaptivek import extract
+
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "theta", "kappa", "lambda", "omicron"]
+    texts = [" ".join(words[(i * j) % 10] for j in range(2 + i % 7)) + f" {i}" for i in range(48)]
+    X = extract(tiny_neox, texts, 1, max_length=16, progress=False)
+    y = torch.tensor([len(t) for t in texts], dtype=torch.float64) / 5
+    comp = compare(X[:36], y[:36], X[36:], y[36:], out=tmp_path / "r.json", texts_train=texts[:36],
+                   texts_test=texts[36:], d_sae=32, steps=3, batch_size=16, topk_ks=(2, 4, 8), k_ranges=((2, 8),),
+                   n_boot=20, lm=tiny_neox, layer=1, max_length=16, n_ce=12, ce_batch_size=5, log=None)
+    res = comp.results
+    ds = res["downstream"]
+    assert ds["n"] == 12 and ds["ce_ablate"] != ds["ce_clean"]
+    for name, s in res["saes"].items():
+        assert set(s["ce"]) >= {"ce_sae", "frac_recovered", "l0_mean"}, name
+    btk = next(n for n in res["saes"] if n.endswith("_batch"))
+    assert res["saes"][btk]["ce"]["l0_mean"] == pytest.approx(res["saes"][btk]["k"], abs=1.0)  # batch rule per batch
+    assert res["saes"]["shuffled_k"]["ce"]["l0_mean"] <= 8  # the ablation's k reached the splice
+    assert {"ce", "frac_recovered"} <= set(res["vs_topk"]["adaptivek_2_8"])
