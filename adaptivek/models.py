@@ -305,6 +305,11 @@ def blocks(lm):
     return _resolve(lm, model_info(lm)["block_path"])
 
 
+def module_blocks(lm) -> torch.nn.ModuleList:
+    """The decoder blocks as plain torch modules (for hooks outside a trace)."""
+    return _resolve(_hf(lm), model_info(lm)["block_path"])
+
+
 def n_layers(lm) -> int:
     """Number of decoder blocks."""
     return len(_resolve(_hf(lm), model_info(lm)["block_path"]))
