@@ -23,7 +23,6 @@ import yaml
 
 from ._io import atomic_path, write_json
 
-RESERVED_PARAMETERS = ("profile", "artifacts_dir", "dry_run")
 EMBEDDED = ("smollm2-135m",)
 
 
