@@ -21,14 +21,7 @@ from adaptivek.probe import RidgeProbe, bootstrap_ci, complexity_to_k, pearson, 
 sk_linear = pytest.importorskip("sklearn.linear_model")
 from sklearn.model_selection import KFold  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: OpenMP threads only add spin-wait overhead (severe on a shared 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(n=200, d=30, noise=1.0, seed=0):

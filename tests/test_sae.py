@@ -19,12 +19,7 @@ def _close(a, b, rtol=1.3e-6, atol=1e-5):
     assert torch.allclose(a, b, rtol=rtol, atol=atol), f"max abs diff {(a - b).abs().max().item():.3g}"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()  # tiny tensors: thread hand-offs cost more than they save
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomise(sae, seed=0, scale=0.3):

@@ -15,12 +15,7 @@ def _close(a, b, rtol=1.3e-6, atol=1e-5):
     assert torch.allclose(a, b, rtol=rtol, atol=atol), f"max abs diff {(a - b).abs().max().item():.3g}"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dictionary_data(n=4096, d=32, atoms=64, k=4, seed=0):
