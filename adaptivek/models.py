@@ -149,9 +149,33 @@ def stored_configs() -> dict[str, dict[str, Any]]:
     return {k: v for k, v in data.items() if not k.startswith("_")}
 
 
+_FILL_PERIOD = 4_194_301  # a prime: rows of any weight narrower than this never repeat
+
+
+def _fill_random_(weight: torch.Tensor, block: torch.Tensor, generator: torch.Generator) -> None:
+    """Fill ``weight`` by tiling ``block`` (a seeded N(0, std) sequence of prime length, stored twice).
+
+    ``normal_`` over the 2.6B weights of Gemma-2-2B takes ~30 s on 2 CPU cores; tiling one 4M-value
+    block from a random offset takes a few seconds. Because the block length is a prime larger than
+    any row, no two rows of a matrix are equal. Good enough for dry runs, which prove shapes, dtypes
+    and code paths, not what a trained model computes.
+    """
+    flat = weight.detach().view(-1)  # [n]
+    start = int(torch.randint(_FILL_PERIOD, (1,), generator=generator))
+    rotated = block[start:start + _FILL_PERIOD]  # a view: block is the sequence twice over
+    for lo in range(0, flat.numel(), _FILL_PERIOD):  # ~n / 4M chunk copies, not a loop over rows
+        hi = min(flat.numel(), lo + _FILL_PERIOD)
+        flat[lo:hi] = rotated[: hi - lo]
+
+
 def _random_model(hub_id: str, dtype: torch.dtype, seed: int = 0):
-    """A randomly initialised model with the stored config of ``hub_id`` and the embedded tokenizer."""
+    """A randomly initialised model with the stored config of ``hub_id`` and the embedded tokenizer.
+
+    Linear and embedding weights get N(0, initializer_range) values from :func:`_fill_random_`; norms,
+    biases and rotary buffers are initialised by transformers itself.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.initialization import no_init_weights
 
     configs = stored_configs()
     if hub_id not in configs:
@@ -161,9 +185,28 @@ def _random_model(hub_id: str, dtype: torch.dtype, seed: int = 0):
     tok = AutoTokenizer.from_pretrained(embedded_model_dir("smollm2-135m"))
     if len(tok) > config.vocab_size:
         raise ValueError(f"the embedded tokenizer ({len(tok)} tokens) does not fit {hub_id}'s vocabulary")
-    torch.manual_seed(seed)
-    with torch.device("cpu"):
+    with torch.device("cpu"), no_init_weights():  # allocate only; we initialise below
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    std = getattr(config, "initializer_range", None) or 0.02
+    gen = torch.Generator().manual_seed(seed)
+    block = torch.randn(_FILL_PERIOD, generator=gen).mul_(std).to(dtype).repeat(2)
+    filled: set[int] = set()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                if not getattr(module.weight, "_is_hf_initialized", False):  # tied weights once
+                    _fill_random_(module.weight, block, gen)
+                    module.weight._is_hf_initialized = True
+                    filled.add(id(module.weight))
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+                module._is_hf_initialized = True
+        model.initialize_weights()  # everything else (norms, rotary buffers) the library's way
+    bad = [n for n, t in [*model.named_parameters(), *model.named_buffers()]  # what transformers set
+           if id(t) not in filled and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise RuntimeError(f"random {hub_id} has uninitialised tensors {bad[:5]}; this transformers "
+                           f"version initialises differently: please report it")
     return model, tok
 
 

@@ -108,3 +108,31 @@ def test_cached_embedded_model_is_not_converted_again(embedded_lm, monkeypatch):
     monkeypatch.setattr(models, "_convert_gguf", boom)
     lm = adaptivek.load_model()
     assert adaptivek.n_layers(lm) == 30
+
+
+def test_random_paper_model_has_the_stored_config_and_sane_random_weights(one_thread):
+    from adaptivek.models import _random_model
+
+    model, _ = _random_model("EleutherAI/pythia-70m-deduped", torch.float32, seed=3)
+    cfg = models.stored_configs()["EleutherAI/pythia-70m-deduped"]
+    assert model.config.hidden_size == cfg["hidden_size"] == 512
+    assert model.config.num_hidden_layers == cfg["num_hidden_layers"]
+    emb = model.gpt_neox.embed_in.weight.detach()
+    assert abs(float(emb.std()) - model.config.initializer_range) < 1e-3
+    assert torch.unique(emb[:5000], dim=0).shape[0] == 5000  # tiled fill, yet no repeated rows
+    qkv = model.gpt_neox.layers[0].attention.query_key_value
+    assert not torch.equal(qkv.weight[:8], emb[:8])  # each weight starts at its own random offset
+    ln = model.gpt_neox.layers[0].input_layernorm
+    assert torch.equal(ln.weight, torch.ones_like(ln.weight)) and not ln.bias.any()  # left to transformers
+    again, _ = _random_model("EleutherAI/pythia-70m-deduped", torch.float32, seed=3)
+    other, _ = _random_model("EleutherAI/pythia-70m-deduped", torch.float32, seed=4)
+    assert torch.equal(again.gpt_neox.embed_in.weight, emb)
+    assert not torch.equal(other.gpt_neox.embed_in.weight, emb)
+    with torch.inference_mode():
+        logits = model(input_ids=torch.arange(12)[None]).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_random_model_of_an_unknown_hub_id_is_refused():
+    with pytest.raises(ValueError, match="no stored config"):
+        adaptivek.load_model("random:nobody/unknown-model")
