@@ -124,6 +124,36 @@ def declared_parameters(notebook: Path) -> set[str]:
     return names
 
 
+def parameter_defaults(notebook: Path) -> dict[str, Any]:
+    """The literal default values of the notebook's ``parameters`` cell (non-literals are skipped)."""
+    import ast
+
+    import nbformat
+
+    nb = nbformat.read(str(notebook), as_version=4)
+    out: dict[str, Any] = {}
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "parameters" in cell.metadata.get("tags", []):
+            for node in ast.parse(cell.source).body:
+                if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+                    targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                    try:
+                        value = ast.literal_eval(node.value)
+                    except ValueError:
+                        continue
+                    out.update({t.id: value for t in targets if isinstance(t, ast.Name)})
+    return out
+
+
+def effective_parameters(profile: str, root: Path | None = None, *, dry_run: bool = False) -> dict[str, dict[str, Any]]:
+    """What each chapter runs with under ``profile``: its own defaults, overlaid with the profile's values."""
+    root = root or repo_root()
+    prof = load_profile(profile, root)
+    if dry_run:
+        prof = dry_run_profile(prof)
+    return {nb.stem: parameter_defaults(nb) | chapter_parameters(nb, prof, {}) for nb in toc_chapters(root)}
+
+
 def chapter_parameters(notebook: Path, profile: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """Parameters for one chapter: profile defaults it declares + its own section + ``extra``."""
     declared = declared_parameters(notebook)

@@ -124,26 +124,36 @@ def deviations_table() -> pd.DataFrame:
     return pd.DataFrame([d._asdict() for d in DEVIATIONS])
 
 
-def profile_vs_paper(profile: dict[str, Any]) -> pd.DataFrame:
-    """A profile's settings beside the paper's (columns ``setting, paper, profile, same``)."""
-    d = profile.get("defaults", {})
-    ch = profile.get("chapters", {})
-    tr, cmp_ = ch.get("04_training") or {}, ch.get("05_comparison") or {}
-    model = d.get("model", "")
+def profile_vs_paper(params: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """A profile's effective settings beside the paper's (columns ``setting, paper, profile, same``).
+
+    ``params`` maps chapter names to the parameters each runs with, as
+    :func:`adaptivek.book.effective_parameters` returns them.
+    """
+    act, tr, cmp_ = (params.get(c) or {} for c in ("01_activations", "04_training", "05_comparison"))
+    lin = params.get("03_linear_encoding") or {}
+    labels = (params.get("02_complexity") or {}).get("label_source")
+    model = str(act.get("model", "")).removeprefix("random:")
+    d_sae = tr.get("d_sae") if tr.get("d_sae") is not None else (
+        f"{tr['expansion']} x d_model" if "expansion" in tr else None)
     rows = [
-        ("corpus", SETTINGS["corpus"], d.get("corpus")),
-        ("context tokens", SETTINGS["context_tokens"], d.get("max_length")),
-        ("contexts (train + test)", SETTINGS["n_train_contexts"] + SETTINGS["n_test_contexts"], d.get("n_texts")),
-        ("SAE layer", SETTINGS["layers"].get(model), d.get("sae_layer")),
-        ("dtype", SETTINGS["dtype"].get(model, "float32"), d.get("dtype", "float32")),
-        ("dictionary size", SETTINGS["d_sae"], tr.get("d_sae")),
+        ("model", "Pythia-70M / Pythia-160M / Gemma-2-2B", act.get("model")),
+        ("corpus", SETTINGS["corpus"], act.get("corpus")),
+        ("context tokens", SETTINGS["context_tokens"], act.get("max_length")),
+        ("contexts (train + test)", SETTINGS["n_train_contexts"] + SETTINGS["n_test_contexts"], act.get("n_texts")),
+        ("SAE layer", SETTINGS["layers"].get(model), lin.get("sae_layer")),
+        ("dtype", SETTINGS["dtype"].get(model, "float32"), act.get("dtype") or "float32"),
+        ("dictionary size", SETTINGS["d_sae"], d_sae),
         ("k range", (SETTINGS["k_min"], SETTINGS["k_max"]), (tr.get("k_min"), tr.get("k_max"))),
         ("SAE batch", SETTINGS["sae_batch"], tr.get("batch_size")),
-        ("steps", SETTINGS["steps"], tr.get("steps")),
+        ("training steps", SETTINGS["steps"], tr.get("steps")),
         ("TopK sweep", SETTINGS["topk_sweep"], cmp_.get("topk_ks")),
+        ("complexity labels", "llm (GPT-4.1-mini) or corpus (the authors' file)", labels),
     ]
     df = pd.DataFrame(rows, columns=["setting", "paper", "profile"])
     df["same"] = [_same(a, b) for a, b in zip(df["paper"], df["profile"], strict=True)]
+    df.loc[df.setting == "model", "same"] = model in SETTINGS["layers"]
+    df.loc[df.setting == "complexity labels", "same"] = str(labels).startswith("llm:") or labels == "corpus"
     return df
 
 
@@ -184,7 +194,12 @@ def collect_results(run_dir: str | Path) -> dict[str, Any]:
     if summary.is_file():
         s = json.loads(summary.read_text())
         out["probe"] = {"layer": s["best_layer"], **{k: s["best"][k] for k in ("pearson", "spearman", "rmse")},
+                        "pearson_lo": None, "pearson_hi": None,
                         "label_source": s.get("label_source"), "n_train": s.get("n_train")}
+        sweep = run_dir / "linear_encoding" / "layer_sweep.csv"
+        if sweep.is_file():  # the bootstrap interval of the best layer
+            row = pd.read_csv(sweep, index_col="layer").loc[s["best_layer"]]
+            out["probe"] |= {"pearson_lo": float(row["pearson_lo"]), "pearson_hi": float(row["pearson_hi"])}
     results = run_dir / "comparison" / "results.json"
     if results.is_file():
         res = load_results(results)
