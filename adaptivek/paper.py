@@ -62,7 +62,12 @@ class Deviation(NamedTuple):
     reference: str  #: what the reference code (or the paper's text) does
     ours: str  #: what adaptivek does instead
     why: str  #: the reason
-    where: str  #: the chapter that shows it (a notebook stem) or the module that implements it
+    where: str  #: the chapter that shows it (a notebook stem)
+    kind: str  #: one of :data:`DEVIATION_KINDS`
+
+
+DEVIATION_KINDS = ("changes what is measured", "fixes a bug", "same behaviour, documented or faster")
+MEASURED, BUG, SAME = DEVIATION_KINDS
 
 
 DEVIATIONS: list[Deviation] = [
@@ -70,58 +75,60 @@ DEVIATIONS: list[Deviation] = [
               "offline RubricScorer with the same six dimensions and weights; LLMScorer with the paper's "
               "prompt when an API is available; the authors' label file via corpus/label_source",
               "nothing may leave the machine here; the rubric is validated on human labels it never saw",
-              "02_complexity"),
+              "02_complexity", MEASURED),
     Deviation("failed labels", "API errors, timeouts and bad JSON become complexity 0.0 and stay in training",
               "a failed label is NaN and the row is dropped, with a count", "a 0 is a real, wrong label (flaw 10)",
-              "02_complexity"),
+              "02_complexity", BUG),
     Deviation("last-token index", "attention_mask.sum() - 1, wrong under nnsight's left padding",
               "last_token_index reads the padding side; tested with left and right padding",
-              "left-padded short texts were read at a pad position (flaw 9)", "01_activations"),
+              "left-padded short texts were read at a pad position (flaw 9)", "01_activations", BUG),
     Deviation("ridge scaling", "loss written as (1/n)Σ + (λ/2)‖w‖², solved as Σ + λ‖w‖²",
               "the closed form the code solves (our λ is the code's λ), float64 spectral solve",
-              "so λ values compare with the code's grid (flaw 5)", "03_linear_encoding"),
+              "so λ values compare with the code's grid (flaw 5)", "03_linear_encoding", SAME),
     Deviation("probe refit", "final probe fitted on a random 80 % split; the other 20 % unused",
               "fitted on every training vector it is given; the test split is held out beforehand",
-              "no silently wasted data; evaluation on a split the probe never saw", "03_linear_encoding"),
+              "no silently wasted data; evaluation on a split the probe never saw", "03_linear_encoding", MEASURED),
     Deviation("probe clamp", "predictions clamped to [0, 10]", "clamped to the training label range",
-              "the rubric's range is narrower than 0-10", "03_linear_encoding"),
+              "the rubric's range is narrower than 0-10", "03_linear_encoding", MEASURED),
     Deviation("base_k", "presented as a setting but unused by the k map; reachable k is [34, 306] not [20, 320]",
-              "no base_k; k_min/k_max with the real reachable range shown", "flaw 2", "04_training"),
+              "no base_k; k_min/k_max with the real reachable range shown", "flaw 2", "04_training", SAME),
     Deviation("CLI flags", "--probe_weight and other overrides silently ignored",
-              "a typed TrainConfig; unknown or bad settings raise", "flaw 1", "04_training"),
+              "a typed TrainConfig; unknown or bad settings raise", "flaw 1", "04_training", BUG),
     Deviation("'joint' phase 3", "k is rounded, so no gradient reaches the probe from the SAE loss",
               "reproduced by default (k_gradient='none'); a straight-through option lets it through",
-              "flaw 3: faithful first, the fix as a measured option", "04_training"),
+              "flaw 3: faithful first, the fix as a measured option", "04_training", SAME),
     Deviation("LR decay", "code: linear decay from 80 % of steps; paper text: 70 %", "80 % (the code)",
-              "the code is what produced the numbers (flaw 4)", "04_training"),
+              "the code is what produced the numbers (flaw 4)", "04_training", SAME),
     Deviation("per-row top-k", "a Python loop of torch.topk over the batch",
               "one topk at the largest k plus a rank mask; sparse fused backward",
-              "the same maths, 2x faster on CPU (benchmarks/sae.py)", "04_training"),
+              "the same maths, 2x faster on CPU (benchmarks/sae.py)", "04_training", SAME),
     Deviation("saved SAE", "the probe is not saved with the SAE; a reloaded SAE cannot encode",
               "cfg.json + sae.safetensors with the probe inside; TopK also exports to SAELens",
-              "flaw 8", "04_training"),
+              "flaw 8", "04_training", BUG),
     Deviation("evaluation", "AdaptiveK on last-token vectors, baselines per token with per-context variance",
               "every SAE on the same held-out last-token vectors with one FVE formula (mean subtracted, float64)",
-              "flaw 6: the asymmetry makes baselines look weak", "05_comparison"),
+              "flaw 6: the asymmetry makes baselines look weak", "05_comparison", MEASURED),
     Deviation("baselines", "single points; baseline trainers not in the repository",
               "a TopK sweep (frontier), BatchTopK, shuffled-k and length-k ablations, all trained identically",
-              "a claim about matched sparsity needs a frontier, not one point (reviewer 3)", "05_comparison"),
+              "a claim about matched sparsity needs a frontier, not one point (reviewer 3)", "05_comparison", MEASURED),
     Deviation("Gemma evaluation", "evaluation batch of 1 vector, so the variance in EV is NaN",
-              "the whole test set at once; one row raises a clear error", "flaw 7", "05_comparison"),
+              "the whole test set at once; one row raises a clear error", "flaw 7", "05_comparison", BUG),
     Deviation("downstream loss", "loss recovered computed for baselines only",
-              "next-token CE with every SAE spliced in by nnsight, AdaptiveK included", "reviewer 2", "05_comparison"),
+              "next-token CE with every SAE spliced in by nnsight, AdaptiveK included", "reviewer 2", "05_comparison", MEASURED),
     Deviation("uncertainty", "single runs, no intervals", "bootstrap 95 % intervals, paired where comparisons are",
-              "small differences need intervals before they are claims", "05_comparison"),
+              "small differences need intervals before they are claims", "05_comparison", MEASURED),
     Deviation("model and data (default)", "Pythia / Gemma on the Pile, 250k contexts of 1,024 tokens",
               "offline default: SmolLM2-135M and an embedded corpus at small scale; the paper profiles run the "
               "paper's models and settings", "no network here; the profiles keep the paper's setting reachable",
-              "06_reproduction"),
+              "06_reproduction", MEASURED),
 ]
 
 
 def deviations_table() -> pd.DataFrame:
-    """:data:`DEVIATIONS` as a table, one row per difference."""
-    return pd.DataFrame([d._asdict() for d in DEVIATIONS])
+    """:data:`DEVIATIONS` as a table, one row per difference, grouped by kind in :data:`DEVIATION_KINDS` order."""
+    df = pd.DataFrame([d._asdict() for d in DEVIATIONS])
+    df["kind"] = pd.Categorical(df["kind"], categories=DEVIATION_KINDS, ordered=True)
+    return df.sort_values("kind", kind="stable").reset_index(drop=True)
 
 
 def profile_vs_paper(params: dict[str, dict[str, Any]]) -> pd.DataFrame:
@@ -219,5 +226,5 @@ def collect_results(run_dir: str | Path) -> dict[str, Any]:
     return out
 
 
-__all__ = ["PROBE_TABLE", "PROBE_MODEL", "MAX_PEARSON", "K_RANGE_ABLATION", "SETTINGS", "Deviation", "DEVIATIONS",
+__all__ = ["PROBE_TABLE", "PROBE_MODEL", "MAX_PEARSON", "K_RANGE_ABLATION", "SETTINGS", "Deviation", "DEVIATIONS", "DEVIATION_KINDS",
            "deviations_table", "profile_vs_paper", "find_runs", "collect_results"]

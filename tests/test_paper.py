@@ -54,6 +54,8 @@ def test_every_deviation_names_a_real_chapter_and_says_why():
         assert d.where in chapters, d
         assert all(len(getattr(d, f)) > 3 for f in ("topic", "reference", "ours", "why")), d
     assert table["topic"].is_unique
+    assert set(table["kind"]) == set(paper.DEVIATION_KINDS)
+    assert list(table["kind"].cat.codes) == sorted(table["kind"].cat.codes)  # grouped, in DEVIATION_KINDS order
 
 
 def test_find_and_collect_results_from_a_real_compare_run(tmp_path):
