@@ -253,6 +253,53 @@ def check_executed(notebooks: list[Path]) -> list[str]:
     return problems
 
 
+def contexts_and_labels(
+    artifacts_dir: str | Path,
+    tokenizer,
+    *,
+    corpus: str = "embedded",
+    n_texts: int = 1000,
+    seed: int = 0,
+    max_length: int = 64,
+):
+    """Chapter 1's contexts and chapter 2's labels, as chapters 3-5 use them: ``(texts, y, source)``.
+
+    Reads ``texts.parquet`` and ``labels.parquet`` from ``artifacts_dir``. Where a chapter has not run
+    (a lone notebook, e.g. on Colab) it rebuilds what that chapter would have written with the same
+    parameters: the corpus sample cut to ``max_length`` tokens, labelled by the offline RubricScorer.
+    Labels are paired with texts by their text, never by position alone. ``y`` is float64 with NaN for
+    a context without a label (a failed LLM call), which callers drop; ``source`` says where labels came from.
+    """
+    import pandas as pd
+    import torch
+
+    artifacts = Path(artifacts_dir)
+    texts_path, labels_path = artifacts / "texts.parquet", artifacts / "labels.parquet"
+    labels = pd.read_parquet(labels_path) if labels_path.is_file() else None
+    if texts_path.is_file():
+        texts = pd.read_parquet(texts_path)["text"].tolist()
+    elif labels is not None:
+        texts = labels["text"].tolist()
+    else:  # chapter 1 has not run here: its contexts, rebuilt the same way
+        from .activations import truncate_to_tokens
+        from .corpus import load_corpus
+
+        texts = truncate_to_tokens(tokenizer, load_corpus(corpus, n=n_texts, seed=seed)["text"], max_length)
+    if labels is not None:
+        by_text = dict(zip(labels["text"], labels["complexity"], strict=True))
+        missing = [i for i, t in enumerate(texts) if t not in by_text]
+        if missing:
+            raise ValueError(f"{labels_path} has no label for {len(missing)} of the {len(texts)} contexts of "
+                             f"{texts_path} (first rows: {missing[:5]}): the two files come from different runs; "
+                             f"rerun chapters 1 and 2 (adaptivek book run --only 01_activations --only 02_complexity)")
+        y = torch.tensor([float(by_text[t]) for t in texts], dtype=torch.float64)
+        return texts, y, "chapter 2's labels (labels.parquet)"
+    from .complexity import RubricScorer
+
+    y = torch.tensor(RubricScorer().score(texts)["complexity"].to_numpy(dtype=float), dtype=torch.float64)
+    return texts, y, "the offline rubric, computed here (chapter 2 has not run: no labels.parquet)"
+
+
 def build_book(root: Path | None = None, *, log=print) -> Path:
     """Stage executed chapters (sources where none ran) and build HTML into ``_build/html``."""
     root = root or repo_root()
