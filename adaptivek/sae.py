@@ -88,9 +88,17 @@ class _SparseSAE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, W_dec: Tensor, k: Tensor,
-                k_max: int, dead_idx: Tensor | None, k_aux: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                k_max: int, dead_idx: Tensor | None, k_aux: int, matmul_dtype: torch.dtype | None
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        with torch.autocast(x.device.type, enabled=False):  # only the encoder matmul uses matmul_dtype
+            return _SparseSAE._forward(ctx, x, W_enc, b_enc, b_dec, W_dec, k, k_max, dead_idx, k_aux, matmul_dtype)
+
+    @staticmethod
+    def _forward(ctx: Any, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, W_dec: Tensor, k: Tensor,
+                 k_max: int, dead_idx: Tensor | None, k_aux: int, matmul_dtype: torch.dtype | None
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         xc = x - b_dec  # [B, d_in]
-        pre, acts, idx, inv = _encode_topk(xc, W_enc, b_enc, k, k_max)
+        pre, acts, idx, inv = _encode_topk(xc, W_enc, b_enc, k, k_max, matmul_dtype=matmul_dtype)
         keep = (torch.arange(k_max, device=x.device) < k[:, None]) & (acts > 0)  # [B, k_max]
         lat, row, val, counts = _entries(acts, idx, keep)  # [nnz] each, counts [B]
         offsets = counts.cumsum(0) - counts
@@ -141,7 +149,7 @@ class _SparseSAE(torch.autograd.Function):
         g_b_dec = None
         if need_bd:
             g_b_dec = g_xhat.sum(0) - (W_enc @ g_b_enc if g_x is None else g_x.sum(0))
-        return g_x, g_We, g_b_enc if need_be else None, g_b_dec, g_Wd, None, None, None, None
+        return g_x, g_We, g_b_enc if need_be else None, g_b_dec, g_Wd, None, None, None, None, None
 
 
 TOPK_BUCKETS: dict[str, int] = {"cpu": 8}
@@ -150,8 +158,24 @@ so 8 groups cut it to about mean(k)/max(k) (measured: ``benchmarks/sae.py``); on
 radix select whose cost hardly depends on k, so one call at the largest k is kept there (not measured)."""
 
 
-def _encode_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: Tensor, k_max: int, buckets: int | None = None
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+def _addmm(b: Tensor, x: Tensor, W: Tensor, matmul_dtype: torch.dtype | None = None) -> Tensor:
+    """``b + x @ W`` in ``x``'s dtype, the product computed in ``matmul_dtype``.
+
+    ``matmul_dtype`` defaults to torch.autocast's dtype when autocast is on for ``x``'s device. Only this,
+    the encoder's one dense ``B x d_in x d_sae`` matmul, runs in low precision under autocast: it is where
+    bf16 saves time, while top-k, the sparse decode and every gradient stay in ``x``'s dtype.
+    """
+    dev = x.device.type
+    if matmul_dtype is None and torch.is_autocast_enabled(dev):
+        matmul_dtype = torch.get_autocast_dtype(dev)
+    with torch.autocast(dev, enabled=False):
+        if matmul_dtype is None or matmul_dtype == x.dtype:
+            return torch.addmm(b, x, W)
+        return torch.addmm(b.to(matmul_dtype), x.to(matmul_dtype), W.to(matmul_dtype)).to(x.dtype)
+
+
+def _encode_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: Tensor, k_max: int, buckets: int | None = None,
+                 matmul_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Pre-activations and each row's top-k_i: ``(pre, acts [B, k_max], idx [B, k_max], inv)``.
 
     ``acts`` are ReLU'd and descending; columns ``>= k_i`` are to be masked (they hold further values or
@@ -163,11 +187,11 @@ def _encode_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: Tensor, k_max: int
     B = len(xc)
     buckets = TOPK_BUCKETS.get(xc.device.type, 1) if buckets is None else buckets
     if buckets < 2 or B < 2 * buckets or int(k.min()) == k_max:
-        pre = torch.addmm(b_enc, xc, W_enc)  # [B, d_sae]; ReLU after the top-k: same codes, one pass less
+        pre = _addmm(b_enc, xc, W_enc, matmul_dtype)  # [B, d_sae]; ReLU after the top-k: same codes, one pass less
         acts, idx = pre.topk(k_max, dim=1, sorted=True)  # [B, k_max]
         return pre, acts.relu_(), idx, None
     order = torch.argsort(k, stable=True)
-    pre = torch.addmm(b_enc, xc[order], W_enc)  # [B, d_sae], rows by increasing k
+    pre = _addmm(b_enc, xc[order], W_enc, matmul_dtype)  # [B, d_sae], rows by increasing k
     acts = pre.new_zeros(B, k_max)
     idx = torch.zeros(B, k_max, dtype=torch.int64, device=xc.device)
     ends = [len(r) for r in torch.arange(B).tensor_split(buckets)]
@@ -318,7 +342,7 @@ class SparseAutoencoder(nn.Module):
         k = self._resolve_k(x, k)
         k_max, dead_idx = int(k.max()), self._dead_idx(dead_mask, x.device)
         k_aux = self.d_in // 2 if k_aux is None else k_aux
-        pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)  # [B, d_sae]
+        pre = _addmm(self.b_enc, x - self.b_dec, self.W_enc)  # [B, d_sae] (encoder matmul as under autocast)
         acts, idx = pre.topk(k_max, dim=1, sorted=True)  # [B, k_max]: plain autograd (dense backward)
         acts = acts.relu()
         keep = (torch.arange(k_max, device=x.device) < k[:, None]) & (acts > 0)  # [B, k_max]
@@ -385,8 +409,9 @@ class SparseAutoencoder(nn.Module):
             k = self._resolve_k(x, k)
             dead_idx = self._dead_idx(dead_mask, x.device)
             k_aux = self.d_in // 2 if k_aux is None else k_aux
+            mm_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
             top, idx, keep, x_hat, aux_hat = _SparseSAE.apply(x, self.W_enc, self.b_enc, self.b_dec, self.W_dec, k,
-                                                              int(k.max()), dead_idx, k_aux)
+                                                              int(k.max()), dead_idx, k_aux, mm_dtype)
             has_aux = dead_idx is not None and dead_idx.numel() > 0 and k_aux > 0
         else:
             acts, idx, keep, k, aux, aux_idx = self._select(x, k, dead_mask, k_aux)

@@ -122,6 +122,10 @@ class TrainConfig:
     "straight_through" is an extension that lets the SAE loss train the probe (module docstring)."""
     k_temperature: float = 1.0
     """Width, in ranks, of the sigmoid whose gradient the straight-through rank mask uses."""
+    autocast: Literal["bfloat16"] | None = None
+    """Train under ``torch.autocast`` with this dtype (the reference trains Gemma-2-2B's SAE under bf16
+    autocast). Only the encoder's dense matmul then runs in bf16; top-k, the sparse decode, the losses and
+    every gradient stay in float32 (``sae._addmm``). None: full precision."""
     log_every: int = 1
     """Write a history row every this many steps (and at phase changes and the last step)."""
     checkpoint_every: int = 100
@@ -160,6 +164,8 @@ class TrainConfig:
             raise bad("k_gradient", "must be 'none' (faithful) or 'straight_through'")
         if self.init_b_dec not in ("geometric_median", "mean", "none"):
             raise bad("init_b_dec", "must be 'geometric_median', 'mean' or 'none'")
+        if self.autocast not in (None, "bfloat16"):
+            raise bad("autocast", "must be None (full precision) or 'bfloat16'")
         if self.k_aux is not None and (not isinstance(self.k_aux, int) or self.k_aux < 0):
             raise bad("k_aux", "must be a non-negative int or None (d_in // 2)")
 
@@ -264,6 +270,8 @@ def train_sae(sae: SparseAutoencoder, X: torch.Tensor, y: Any = None, cfg: Train
     X, y = _check_data(sae, X, y)
     adaptive = isinstance(sae, AdaptiveKSAE)
     device = sae.W_enc.device
+    autocast = torch.autocast(device.type, dtype=getattr(torch, cfg.autocast or "bfloat16"),
+                              enabled=cfg.autocast is not None)  # reusable: a plain context manager
     n, T = len(X), cfg.total_steps(len(X))
     p3 = int(cfg.phase_ratio * T) if adaptive and cfg.phase_ratio < 1 else T  # first phase-3 step
     batches = _Batches(n, cfg.batch_size, cfg.seed)
@@ -344,9 +352,11 @@ def train_sae(sae: SparseAutoencoder, X: torch.Tensor, y: Any = None, cfg: Train
             deviation = (w - ps["w0"]).norm() + (b - ps["b0"]).abs()
             k = sae.k_from_complexity(pred.detach()).to(device)
             k_soft = sae.soft_k(pred) if cfg.k_gradient == "straight_through" else None
-            out = sae(xb, k, dead_mask=dead, k_aux=k_aux, k_soft=k_soft, k_temperature=cfg.k_temperature)
+            with autocast:
+                out = sae(xb, k, dead_mask=dead, k_aux=k_aux, k_soft=k_soft, k_temperature=cfg.k_temperature)
         else:
-            out = sae(xb, dead_mask=dead, k_aux=k_aux)
+            with autocast:
+                out = sae(xb, dead_mask=dead, k_aux=k_aux)
         sae_loss = out.mse + cfg.l1_weight * out.l1 + cfg.auxk_alpha * out.auxk_loss
         loss = sae_loss
         if phase == 3:

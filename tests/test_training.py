@@ -54,6 +54,35 @@ def test_recovers_a_known_sparse_dictionary():
     assert hist["fve"].iloc[-1] > hist["fve"].iloc[0] and (hist["l0"] <= 4).all()
 
 
+@pytest.mark.parametrize("kind", ["topk", "adaptivek"])
+def test_bf16_autocast_trains_in_float32_with_a_bf16_encoder_matmul(kind, monkeypatch):
+    import adaptivek.sae as sae_mod
+
+    X, D, _ = _dictionary_data()
+    seen = []
+    real = sae_mod._addmm
+    monkeypatch.setattr(sae_mod, "_addmm", lambda b, x, W, dt=None: seen.append(
+        dt or (torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)) or real(b, x, W, dt))
+    if kind == "topk":
+        sae, y = TopKSAE(32, 64, 4, seed=0), None
+    else:  # k from a probe of a label that tracks the number of atoms' total magnitude
+        sae, y = AdaptiveKSAE(32, 64, k_min=2, k_max=8, seed=0), X.norm(dim=1)
+    import copy
+
+    sae32 = copy.deepcopy(sae)
+    cfg = TrainConfig(steps=200, batch_size=256, lr=1e-2, autocast="bfloat16", phase_ratio=0.9)
+    sae, hist = train_sae(sae, X, y, cfg=cfg, progress=False)
+    assert set(seen) == {torch.bfloat16}  # every training step's encoder matmul ran in bf16
+    assert all(p.dtype == torch.float32 for p in sae.parameters())
+    seen.clear()
+    _, hist32 = train_sae(sae32, X, y, cfg=TrainConfig(**{**cfg.__dict__, "autocast": None}), progress=False)
+    assert set(seen) == {None}
+    # bf16 rounding of the pre-activations changes some top-k choices, not how well the SAE learns
+    assert hist["fve"].iloc[-1] > 0.8 and abs(hist["fve"].iloc[-1] - hist32["fve"].iloc[-1]) < 0.01
+    with pytest.raises(ValueError, match="autocast"):
+        TrainConfig(autocast="float16")
+
+
 def test_adaptive_k_three_phases_in_history():
     X, y = _complexity_data()
     sae = AdaptiveKSAE(16, 64, k_min=2, k_max=20, seed=0)
