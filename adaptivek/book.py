@@ -107,41 +107,38 @@ def dry_run_profile(prof: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def declared_parameters(notebook: Path) -> set[str]:
-    """Names assigned in the notebook's ``parameters`` cell (parsed with ``ast``; comments may hold '=')."""
+def _parameter_assignments(notebook: Path) -> list[tuple[str, Any]]:
+    """``(name, value node)`` of each assignment in the notebook's ``parameters`` cell, parsed with ``ast``."""
     import ast
 
     import nbformat
 
     nb = nbformat.read(str(notebook), as_version=4)
-    names: set[str] = set()
+    out = []
     for cell in nb.cells:
         if cell.cell_type == "code" and "parameters" in cell.metadata.get("tags", []):
             for node in ast.parse(cell.source).body:
                 targets = node.targets if isinstance(node, ast.Assign) else \
                     [node.target] if isinstance(node, ast.AnnAssign) else []
-                names.update(t.id for t in targets if isinstance(t, ast.Name))
-    return names
+                out += [(t.id, node.value) for t in targets if isinstance(t, ast.Name)]
+    return out
+
+
+def declared_parameters(notebook: Path) -> set[str]:
+    """Names assigned in the notebook's ``parameters`` cell (comments may hold '=')."""
+    return {name for name, _ in _parameter_assignments(notebook)}
 
 
 def parameter_defaults(notebook: Path) -> dict[str, Any]:
     """The literal default values of the notebook's ``parameters`` cell (non-literals are skipped)."""
     import ast
 
-    import nbformat
-
-    nb = nbformat.read(str(notebook), as_version=4)
     out: dict[str, Any] = {}
-    for cell in nb.cells:
-        if cell.cell_type == "code" and "parameters" in cell.metadata.get("tags", []):
-            for node in ast.parse(cell.source).body:
-                if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
-                    targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-                    try:
-                        value = ast.literal_eval(node.value)
-                    except ValueError:
-                        continue
-                    out.update({t.id: value for t in targets if isinstance(t, ast.Name)})
+    for name, value in _parameter_assignments(notebook):
+        try:
+            out[name] = ast.literal_eval(value)
+        except ValueError:  # an expression, or an annotation without a value
+            continue
     return out
 
 

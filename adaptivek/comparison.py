@@ -59,8 +59,6 @@ from .training import TrainConfig, train_sae
 
 RESULTS_FORMAT = 1
 
-PAPER_K_RANGE_ABLATION = K_RANGE_ABLATION  # the paper's k-range table, kept under its old name
-
 # metric -> is higher better?
 HIGHER_BETTER = {"fve": True, "cosine": True, "mse": False, "ce": False, "frac_recovered": True}
 
@@ -547,7 +545,7 @@ def compare(X_train: Tensor, y_train: Any, X_test: Tensor, y_test: Any, *, out: 
         "probe": probe_info, "saes": sae_block, "frontier": frontier, "vs_topk": vs_topk,
         "ablations": {"adaptivek": ada, "minus": paired},
         "by_complexity": {"edges": edges, "bins": by_bin}, "downstream": ce_block, "skipped": skipped,
-        "paper_k_range_ablation": PAPER_K_RANGE_ABLATION,
+        "paper_k_range_ablation": K_RANGE_ABLATION,
         "higher_better": HIGHER_BETTER, "seconds": time.perf_counter() - t_start,
     }
     out = Path(out)

@@ -158,6 +158,11 @@ so 8 groups cut it to about mean(k)/max(k) (measured: ``benchmarks/sae.py``); on
 radix select whose cost hardly depends on k, so one call at the largest k is kept there (not measured)."""
 
 
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """torch.autocast's dtype where it is on for ``device_type``, else None."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 def _addmm(b: Tensor, x: Tensor, W: Tensor, matmul_dtype: torch.dtype | None = None) -> Tensor:
     """``b + x @ W`` in ``x``'s dtype, the product computed in ``matmul_dtype``.
 
@@ -166,8 +171,7 @@ def _addmm(b: Tensor, x: Tensor, W: Tensor, matmul_dtype: torch.dtype | None = N
     bf16 saves time, while top-k, the sparse decode and every gradient stay in ``x``'s dtype.
     """
     dev = x.device.type
-    if matmul_dtype is None and torch.is_autocast_enabled(dev):
-        matmul_dtype = torch.get_autocast_dtype(dev)
+    matmul_dtype = matmul_dtype or _autocast_dtype(dev)
     with torch.autocast(dev, enabled=False):
         if matmul_dtype is None or matmul_dtype == x.dtype:
             return torch.addmm(b, x, W)
@@ -409,9 +413,9 @@ class SparseAutoencoder(nn.Module):
             k = self._resolve_k(x, k)
             dead_idx = self._dead_idx(dead_mask, x.device)
             k_aux = self.d_in // 2 if k_aux is None else k_aux
-            mm_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
             top, idx, keep, x_hat, aux_hat = _SparseSAE.apply(x, self.W_enc, self.b_enc, self.b_dec, self.W_dec, k,
-                                                              int(k.max()), dead_idx, k_aux, mm_dtype)
+                                                              int(k.max()), dead_idx, k_aux,
+                                                              _autocast_dtype(x.device.type))
             has_aux = dead_idx is not None and dead_idx.numel() > 0 and k_aux > 0
         else:
             acts, idx, keep, k, aux, aux_idx = self._select(x, k, dead_mask, k_aux)
