@@ -16,7 +16,8 @@ from typing import Literal, overload
 
 import torch
 
-from ._io import atomic_path, save_tensors
+from .checks import int_at_least, text_list
+from .io import atomic_path, save_tensors
 from .models import blocks, model_device, model_info, n_layers
 
 Token = Literal["last", "all"]
@@ -24,17 +25,11 @@ CACHE_FORMAT = 1
 
 
 def _check_texts(texts: Sequence[str]) -> list[str]:
-    if isinstance(texts, (str, bytes)):
-        raise TypeError("texts must be a list of strings, got a single string; wrap it in a list: [text]")
-    try:
-        texts = list(texts)
-    except TypeError as e:
-        raise TypeError(f"texts must be a list of strings, got {type(texts).__name__}") from e
+    """A non-empty list of strings, each with something to read."""
+    texts = text_list(texts)
     if not texts:
         raise ValueError("texts is empty; pass at least one non-empty string")
     for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise TypeError(f"texts[{i}] is a {type(t).__name__}, not a str; convert or drop it")
         if not t.strip():
             raise ValueError(f"texts[{i}] is empty or whitespace; it has no token to read, drop it")
     return texts
@@ -102,6 +97,13 @@ def write_shard_manifest(cache_dir: Path, lm, layer: int, token: str, max_length
         tmp.write_text(json.dumps(entry, indent=2))
 
 
+def _cache_meta(lm, layer: int, token: str, max_length: int, n_texts: int) -> dict:
+    """The readable JSON written beside a cached result (written last: it marks the entry complete)."""
+    info = model_info(lm)
+    return {"model": info["name"], "revision": info["revision"], "layer": layer, "token": token,
+            "max_length": max_length, "n_texts": n_texts, "format": CACHE_FORMAT}
+
+
 def _cache_store(cache_dir: Path, key: str, value, meta: dict) -> None:
     tensors = {"acts": value[0], "text_index": value[1]} if isinstance(value, tuple) else {"acts": value}
     save_tensors(cache_dir / f"{key}.safetensors", tensors)
@@ -151,32 +153,21 @@ def extract(
     layers = _check_layers(lm, layer)
     if token not in ("last", "all"):
         raise ValueError(f"token must be 'last' or 'all', got {token!r}")
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-        raise ValueError(f"max_length must be an int >= 1, got {max_length!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    int_at_least(max_length, "max_length")
+    int_at_least(batch_size, "batch_size")
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
 
-    results: dict[int, object] = {}
-    keys: dict[int, str] = {}
     cache = Path(cache_dir) if cache_dir is not None else None
-    if cache is not None:
-        for ly in layers:
-            keys[ly] = _cache_key(lm, ly, token, max_length, texts)
-            hit = _cache_load(cache, keys[ly])
-            if hit is not None:
-                results[ly] = hit
+    keys = {ly: _cache_key(lm, ly, token, max_length, texts) for ly in layers} if cache is not None else {}
+    results = {ly: hit for ly, key in keys.items() if (hit := _cache_load(cache, key)) is not None}
     todo = [ly for ly in layers if ly not in results]
     if todo:
         computed = _run(lm, texts, todo, token, max_length, batch_size, progress, padding_side, remote)
         for ly in todo:
             results[ly] = computed[ly]
             if cache is not None:
-                info = model_info(lm)
-                meta = {"model": info["name"], "revision": info["revision"], "layer": ly, "token": token,
-                        "max_length": max_length, "n_texts": len(texts), "format": CACHE_FORMAT}
-                _cache_store(cache, keys[ly], computed[ly], meta)
+                _cache_store(cache, keys[ly], computed[ly], _cache_meta(lm, ly, token, max_length, len(texts)))
     if isinstance(layer, int):
         return results[layer]
     return {ly: results[ly] for ly in layers}
@@ -250,8 +241,7 @@ def truncate_to_tokens(tokenizer, texts: Sequence[str], max_length: int) -> list
     Texts that already fit are returned unchanged (no decode round-trip).
     """
     texts = _check_texts(texts)
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-        raise ValueError(f"max_length must be an int >= 1, got {max_length!r}")
+    int_at_least(max_length, "max_length")
     enc = tokenizer(texts, truncation=True, max_length=max_length, return_offsets_mapping=True)
     full = tokenizer(texts)["input_ids"]
     out = []

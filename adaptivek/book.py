@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from ._io import atomic_path, write_json
+from .io import atomic_path, write_json
 
 EMBEDDED = ("smollm2-135m",)
 
@@ -176,19 +176,11 @@ def run_book(
     log=print,
 ) -> list[ChapterRun]:
     """Execute the chapters in ``_toc.yml`` order; stop at the first failing chapter."""
-    import papermill as pm
-
     root = root or repo_root()
     prof = load_profile(profile, root)
     if dry_run:
         prof = dry_run_profile(prof)
-    chapters = toc_chapters(root)
-    if only:
-        names = {c.stem for c in chapters}
-        missing = [o for o in only if o not in names]
-        if missing:
-            raise ValueError(f"--only {missing}: no such chapter; chapters are {sorted(names)}")
-        chapters = [c for c in chapters if c.stem in only]
+    chapters = _select_chapters(toc_chapters(root), only)
     tag = f"{profile}-dry" if dry_run else profile
     artifacts = root / "_build" / "artifacts" / tag
     artifacts.mkdir(parents=True, exist_ok=True)
@@ -201,26 +193,10 @@ def run_book(
         log(f"estimate: {prof['estimate']}")
     runs: list[ChapterRun] = []
     for nb in chapters:
-        rel = nb.relative_to(root)
-        target = out_dir / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
         params = chapter_parameters(nb, prof, extra)
         log(f"[{nb.stem}] running with {json.dumps({k: v for k, v in params.items() if k != 'artifacts_dir'})}")
-        start = time.perf_counter()
-        failed = target.with_suffix(".failed.ipynb")
-        failed.unlink(missing_ok=True)
-        with atomic_path(target, ".ipynb") as tmp:
-            try:
-                pm.execute_notebook(str(nb), str(tmp), parameters=params, cwd=str(nb.parent),
-                                    kernel_name="python3", progress_bar=False, log_output=False)
-            except pm.PapermillExecutionError as e:
-                shutil.copyfile(tmp, failed)
-                raise ChapterFailed(
-                    f"chapter {nb.stem} failed in cell {e.exec_count} (index {e.cell_index}): {e.ename}: "
-                    f"{e.evalue}\n(the partly executed notebook is {failed})") from None
-        seconds = time.perf_counter() - start
-        log(f"[{nb.stem}] done in {seconds:.1f} s")
-        runs.append(ChapterRun(nb.stem, seconds, target))
+        runs.append(_execute(nb, out_dir / nb.relative_to(root), params))
+        log(f"[{nb.stem}] done in {runs[-1].seconds:.1f} s")
     timings = {r.name: round(r.seconds, 1) for r in runs}
     write_json(out_dir / f"timings-{tag}.json", timings)
     problems = check_executed([r.output for r in runs])
@@ -228,6 +204,37 @@ def run_book(
         raise ChapterFailed("executed chapters have problems:\n" + "\n".join(problems))
     log(f"all {len(runs)} chapters ran in {sum(timings.values()):.0f} s: {timings}")
     return runs
+
+
+def _select_chapters(chapters: list[Path], only: list[str] | None) -> list[Path]:
+    """The chapters named in ``only`` (all when empty), in reading order; an unknown name raises."""
+    if not only:
+        return chapters
+    names = {c.stem for c in chapters}
+    missing = [o for o in only if o not in names]
+    if missing:
+        raise ValueError(f"--only {missing}: no such chapter; chapters are {sorted(names)}")
+    return [c for c in chapters if c.stem in only]
+
+
+def _execute(nb: Path, target: Path, params: dict[str, Any]) -> ChapterRun:
+    """Run one chapter with papermill into ``target`` (atomically); a failure keeps ``*.failed.ipynb``."""
+    import papermill as pm
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    failed = target.with_suffix(".failed.ipynb")
+    failed.unlink(missing_ok=True)
+    with atomic_path(target, ".ipynb") as tmp:
+        try:
+            pm.execute_notebook(str(nb), str(tmp), parameters=params, cwd=str(nb.parent),
+                                kernel_name="python3", progress_bar=False, log_output=False)
+        except pm.PapermillExecutionError as e:
+            shutil.copyfile(tmp, failed)
+            raise ChapterFailed(
+                f"chapter {nb.stem} failed in cell {e.exec_count} (index {e.cell_index}): {e.ename}: "
+                f"{e.evalue}\n(the partly executed notebook is {failed})") from None
+    return ChapterRun(nb.stem, time.perf_counter() - start, target)
 
 
 def check_executed(notebooks: list[Path]) -> list[str]:
@@ -248,53 +255,6 @@ def check_executed(notebooks: list[Path]) -> list[str]:
         if images == 0:
             problems.append(f"{path.name}: no figure rendered (every chapter plots at least one)")
     return problems
-
-
-def contexts_and_labels(
-    artifacts_dir: str | Path,
-    tokenizer,
-    *,
-    corpus: str = "embedded",
-    n_texts: int = 1000,
-    seed: int = 0,
-    max_length: int = 64,
-):
-    """Chapter 1's contexts and chapter 2's labels, as chapters 3-5 use them: ``(texts, y, source)``.
-
-    Reads ``texts.parquet`` and ``labels.parquet`` from ``artifacts_dir``. Where a chapter has not run
-    (a lone notebook, e.g. on Colab) it rebuilds what that chapter would have written with the same
-    parameters: the corpus sample cut to ``max_length`` tokens, labelled by the offline RubricScorer.
-    Labels are paired with texts by their text, never by position alone. ``y`` is float64 with NaN for
-    a context without a label (a failed LLM call), which callers drop; ``source`` says where labels came from.
-    """
-    import pandas as pd
-    import torch
-
-    artifacts = Path(artifacts_dir)
-    texts_path, labels_path = artifacts / "texts.parquet", artifacts / "labels.parquet"
-    labels = pd.read_parquet(labels_path) if labels_path.is_file() else None
-    if texts_path.is_file():
-        texts = pd.read_parquet(texts_path)["text"].tolist()
-    elif labels is not None:
-        texts = labels["text"].tolist()
-    else:  # chapter 1 has not run here: its contexts, rebuilt the same way
-        from .activations import truncate_to_tokens
-        from .corpus import load_corpus
-
-        texts = truncate_to_tokens(tokenizer, load_corpus(corpus, n=n_texts, seed=seed)["text"], max_length)
-    if labels is not None:
-        by_text = dict(zip(labels["text"], labels["complexity"], strict=True))
-        missing = [i for i, t in enumerate(texts) if t not in by_text]
-        if missing:
-            raise ValueError(f"{labels_path} has no label for {len(missing)} of the {len(texts)} contexts of "
-                             f"{texts_path} (first rows: {missing[:5]}): the two files come from different runs; "
-                             f"rerun chapters 1 and 2 (adaptivek book run --only 01_activations --only 02_complexity)")
-        y = torch.tensor([float(by_text[t]) for t in texts], dtype=torch.float64)
-        return texts, y, "chapter 2's labels (labels.parquet)"
-    from .complexity import RubricScorer
-
-    y = torch.tensor(RubricScorer().score(texts)["complexity"].to_numpy(dtype=float), dtype=torch.float64)
-    return texts, y, "the offline rubric, computed here (chapter 2 has not run: no labels.parquet)"
 
 
 def build_book(root: Path | None = None, *, log=print) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -31,6 +32,20 @@ def non_negative_int(value: Any, name: str, *, allow_none: bool = False) -> Any:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be a non-negative int{' or None' if allow_none else ''}, got {value!r}")
     return value
+
+
+def int_at_least(value: Any, name: str, low: int = 1, *, why: str = "") -> int:
+    """``value`` if it is an int >= ``low`` (bools refused); ``why`` says what the bound is for."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}" + (f" ({why})" if why else "") + f", got {value!r}")
+    return value
+
+
+def integer(value: Any, name: str, *, why: str = "") -> int:
+    """``int(value)`` if it is a Python or NumPy integer (bools refused), else a TypeError."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int" + (f" ({why})" if why else "") + f", got {value!r}")
+    return int(value)
 
 
 def finite_number(value: Any, name: str, *, low: float = -math.inf, high: float = math.inf,
@@ -70,9 +85,39 @@ def finite_rows(X: Tensor, name: str, fix: str = "drop those rows first") -> Ten
     """``X`` if every element is finite; else a ValueError counting the bad rows and naming the first."""
     bad = ~torch.isfinite(X)
     if bad.any():
-        rows = (bad if bad.ndim == 1 else bad.flatten(1).any(1)).nonzero().flatten()
+        rows = (bad.reshape(-1) if bad.ndim <= 1 else bad.flatten(1).any(1)).nonzero().flatten()
         raise ValueError(f"{name} contains NaN or inf in {len(rows)} row(s) (first: {rows[:5].tolist()}); {fix}")
     return X
+
+
+def real_tensor(a: Any, name: str) -> Tensor:
+    """Any array-like of real numbers as a float64 tensor (detached; moved off MPS, which has no float64)."""
+    if isinstance(a, Tensor):
+        t = a.detach()
+    else:
+        try:
+            t = torch.as_tensor(np.asarray(a))
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"{name} must be a tensor or array of numbers, got {type(a).__name__}") from e
+    if t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"{name} must hold real numbers, got dtype {t.dtype}")
+    if t.device.type == "mps":
+        t = t.cpu()
+    return t.to(torch.float64)
+
+
+def text_list(texts: Any, *, allow_bytes: bool = False) -> list:
+    """``texts`` as a list of str (and bytes, when ``allow_bytes``); a single string is refused."""
+    if isinstance(texts, (str, bytes)):
+        raise TypeError("texts must be a list of strings, got a single string; wrap it in a list: [text]")
+    try:
+        texts = list(texts)
+    except TypeError as e:
+        raise TypeError(f"texts must be a list of strings, got {type(texts).__name__}") from e
+    for i, t in enumerate(texts):
+        if not (isinstance(t, str) or (allow_bytes and isinstance(t, bytes))):
+            raise TypeError(f"texts[{i}] is a {type(t).__name__}, not a str; convert or drop it")
+    return texts
 
 
 def same_length(a: Any, b: Any, name_a: str, name_b: str) -> None:
@@ -81,4 +126,5 @@ def same_length(a: Any, b: Any, name_a: str, name_b: str) -> None:
         raise ValueError(f"{name_a} has {len(a)} entries but {name_b} has {len(b)}; they must be paired row by row")
 
 
-__all__ = ["positive_int", "non_negative_int", "finite_number", "one_of", "matrix", "finite_rows", "same_length"]
+__all__ = ["positive_int", "non_negative_int", "int_at_least", "integer", "finite_number", "one_of", "matrix",
+           "finite_rows", "real_tensor", "text_list", "same_length"]

@@ -67,7 +67,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ._io import write_json
+from .checks import text_list
+from .io import write_json
 
 DIMENSIONS: dict[str, float] = {  # the paper's weights
     "lexical": 0.20,
@@ -186,134 +187,185 @@ def _syllables(words: Iterable[str]) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ features
+def _vocab_properties(vocab: list[str]) -> dict[str, np.ndarray]:
+    """Per distinct lower-cased word ([n_vocab]): Zipf frequency, syllables, length, word-list membership
+    and the suffix patterns (contraction, participle, nominalisation, technical term)."""
+    freq = _frequencies()
+    p = {"zipf": np.array([math.log10(freq[w]) + 9 if w in freq else 0.0 for w in vocab], dtype=np.float64),
+         "syl": _syllables(vocab), "len": np.array([len(w) for w in vocab], dtype=np.float64)}
+    p.update({name: np.array([w in ws for w in vocab], dtype=bool) for name, ws in [
+        ("function", _FUNCTION), ("personal", _PERSONAL), ("subord", _SUBORD), ("be", _BE),
+        ("preps", _PREPS), ("causal", _CAUSAL), ("contrast", _CONTRAST), ("conditional", _CONDITIONAL),
+        ("comparative", _COMPARATIVE), ("anaphora", _ANAPHORA), ("easy", _easy_words())]})
+    vs = pd.Series(vocab, dtype=object)
+    p["contraction"] = vs.str.contains("'", regex=False).to_numpy(dtype=bool)
+    p["participle"] = (vs.str.contains(r"(?:ed|en)$").to_numpy(dtype=bool) & (p["len"] > 3)
+                       | vs.isin(_PARTICIPLE_IRREGULAR).to_numpy())
+    p["nominal"] = vs.str.contains(_NOMINAL).to_numpy(dtype=bool) & (p["len"] >= 6) & ~p["function"]
+    p["technical"] = vs.str.contains(_TECHNICAL).to_numpy(dtype=bool) & (p["len"] >= 6) & ~p["function"]
+    return p
+
+
+def _sentence_counts(s: pd.Series) -> np.ndarray:
+    """Sentences per text ([n], at least 1): sentence-end marks, plus one for an unterminated last sentence."""
+    n_sent_marks = s.str.count(_SENT_END).to_numpy()
+    ends = s.str.rstrip().str.contains(r"[.!?][\"'\u201d\u2019)\]]*$").to_numpy()
+    return np.maximum(1, n_sent_marks + ~ends)
+
+
+class _Tokens:
+    """Every token of every text in flat arrays ([n_tokens]), each word's properties looked up once per
+    distinct word (``v``: name -> [n_vocab]), and the per-text denominators ([n]) the rates divide by."""
+
+    def __init__(self, texts: Sequence[str]) -> None:
+        self.n = len(texts)
+        self.s = pd.Series(list(texts), dtype=object)
+        self.low = self.s.str.lower()
+        toks = [_WORD.findall(t) for t in texts]
+        self.n_words = np.fromiter((len(t) for t in toks), dtype=np.int64, count=self.n)
+        self.flat = pd.Series(list(chain.from_iterable(toks)), dtype=object)
+        self.doc = np.repeat(np.arange(self.n), self.n_words)  # [n_tokens] text index of each token
+        lower = self.flat.str.lower().str.replace("\u2019", "'", regex=False)
+        self.code, vocab = pd.factorize(lower)  # code [n_tokens] -> vocab [n_vocab]
+        self.vocab = list(vocab)
+        self.v = _vocab_properties(self.vocab)
+        self.cap = self.flat.str[:1].str.isupper().to_numpy(dtype=bool)  # tokens start with a letter
+        self.content_tok = ~self.v["function"][self.code]
+        self.vocab_tok = ~self.cap  # word-property rates skip capitalised tokens: names are not vocabulary
+        n_vocab = self.per_text(self.vocab_tok.astype(np.float64))
+        self.nv = np.where(n_vocab > 0, n_vocab, np.nan)
+        n_content = self.per_text((self.content_tok & self.vocab_tok).astype(np.float64))
+        self.nc = np.where(n_content > 0, n_content, np.nan)
+        self.n_sent = _sentence_counts(self.s)
+        self.w = np.maximum(self.n_words, 1).astype(np.float64)
+
+    def per_text(self, values: np.ndarray) -> np.ndarray:
+        """Sum of a per-token value ([n_tokens]) over each text: [n]."""
+        return np.bincount(self.doc, weights=values, minlength=self.n)
+
+    def count(self, vocab_mask: np.ndarray) -> np.ndarray:
+        """Tokens per text whose word is in ``vocab_mask`` ([n_vocab] bool)."""
+        return self.per_text(vocab_mask[self.code].astype(np.float64))
+
+    def vcount(self, vocab_mask: np.ndarray) -> np.ndarray:
+        """As :meth:`count`, over lower-case tokens only."""
+        return self.per_text((vocab_mask[self.code] & self.vocab_tok).astype(np.float64))
+
+    def multi(self, kind: str) -> np.ndarray:
+        """Occurrences per text of the multi-word connectives of ``kind`` (``_MULTI``)."""
+        return self.low.str.count(_MULTI[kind]).to_numpy()
+
+
+def _msttr(t: _Tokens) -> np.ndarray:
+    """Mean segmental type-token ratio over 50-word segments (MSTTR-50) per text [n]; a shorter (final)
+    segment of m >= 10 words is put on the same footing with Herdan's law, TTR(N) = N^(C-1)."""
+    starts = np.r_[0, np.cumsum(t.n_words)[:-1]]
+    seg = t.doc * (MAX_SEGMENTS + 1) + np.minimum((np.arange(len(t.code)) - starts[t.doc]) // 50, MAX_SEGMENTS)
+    seg_id, seg_of_tok = np.unique(seg, return_inverse=True)
+    m = np.bincount(seg_of_tok).astype(np.float64)  # [n_segments] words
+    n_vocab = len(t.vocab) + 1
+    v = np.bincount(np.unique(seg_of_tok.astype(np.int64) * n_vocab + t.code) // n_vocab,
+                    minlength=len(seg_id)).astype(np.float64)  # [n_segments] distinct words
+    ok = m >= 10
+    ttr50 = np.where(ok, np.exp((np.log(v) / np.log(np.maximum(m, 2)) - 1) * np.log(50)), 0.0)
+    seg_doc = seg_id // (MAX_SEGMENTS + 1)
+    wsum = np.bincount(seg_doc, weights=np.where(ok, m, 0.0), minlength=t.n)
+    return np.bincount(seg_doc, weights=ttr50 * np.where(ok, m, 0.0), minlength=t.n) / np.where(wsum > 0, wsum, np.nan)
+
+
+def _passive(t: _Tokens) -> np.ndarray:
+    """Passives per text [n]: a form of "be" followed by a participle directly or after one word
+    ("was quickly sold")."""
+    part_tok = t.v["participle"][t.code]
+    part_next = np.zeros(len(t.code), dtype=bool)  # [n_tokens] a participle 1 or 2 tokens later, same text
+    for k in (1, 2):
+        part_next[:-k] |= part_tok[k:] & (t.doc[k:] == t.doc[:-k])
+    return t.per_text((t.v["be"][t.code] & part_next).astype(np.float64))
+
+
+def _lexical(t: _Tokens) -> dict[str, np.ndarray]:
+    v, syl = t.v, t.v["syl"]
+    return {
+        "rare": t.vcount(v["zipf"] < RARE_ZIPF) / t.nv,
+        "syllables": t.per_text(np.where(t.vocab_tok, syl[t.code], 0.0)) / t.nv,
+        "chars": t.per_text(np.where(t.vocab_tok, v["len"][t.code], 0.0)) / t.nv,
+        "dale_chall": t.vcount(~v["easy"] & (syl >= 2)) / t.nv,
+        "msttr": _msttr(t),
+        "content": t.count(~v["function"]) / t.w,
+    }
+
+
+def _syntactic(t: _Tokens) -> dict[str, np.ndarray]:
+    return {
+        "sent_len": np.log(t.w / t.n_sent),
+        "subord": t.count(t.v["subord"]) / t.n_sent,
+        "passive": _passive(t) / t.n_sent,
+        "punct": t.s.str.count(r"[,;:()\[\]\u2014\u2013]|--").to_numpy() / t.n_sent,
+        "preps": t.count(t.v["preps"]) / t.n_sent,
+    }
+
+
+def _conceptual(t: _Tokens) -> dict[str, np.ndarray]:
+    v = t.v
+    rarity = np.where(t.content_tok & t.vocab_tok, 7.0 - np.minimum(v["zipf"][t.code], 7.0), 0.0)  # [n_tokens]
+    return {
+        "nominal": t.count(v["nominal"]) / t.w,
+        "poly": t.vcount(v["syl"] >= 3) / t.nv,
+        "ideas": np.log1p(t.count(~v["function"]) / t.n_sent),
+        "content_rarity": t.per_text(rarity) / t.nc,
+        "personal": t.count(v["personal"]) / t.w,
+        "contractions": t.count(v["contraction"]) / t.w,
+    }
+
+
+def _domain(t: _Tokens) -> dict[str, np.ndarray]:
+    flat = t.flat
+    allcaps = (flat.str.len() >= 2).to_numpy() & flat.str.isupper().to_numpy(dtype=bool) & (flat != "I").to_numpy()
+    return {
+        "very_rare": t.vcount(t.v["zipf"] < VERY_RARE_ZIPF) / t.nv,
+        "technical": t.count(t.v["technical"]) / t.w,
+        "numeric": t.s.str.count(_NUMERIC).to_numpy() / t.w,
+        "acronyms": t.per_text(allcaps.astype(np.float64)) / t.w,
+        "parens": t.s.str.count(r"[()\[\]]").to_numpy() / t.w,
+    }
+
+
+def _logical(t: _Tokens) -> dict[str, np.ndarray]:
+    return {k: (t.count(t.v[k]) + t.multi(k)) / t.n_sent for k in ("causal", "contrast", "conditional", "comparative")}
+
+
+def _contextual(t: _Tokens) -> dict[str, np.ndarray]:
+    proper = np.maximum(t.per_text(t.cap & (t.flat != "I").to_numpy()) - t.n_sent, 0)
+    return {
+        "proper": proper / t.w,
+        "anaphora": t.count(t.v["anaphora"]) / t.w,
+        "citations": 100 * (t.s.str.count(_YEAR).to_numpy() + t.multi("citations")) / t.w,
+    }
+
+
 def features(texts: Sequence[str]) -> pd.DataFrame:
     """Raw rubric features, one row per text, plus ``words`` (NaN features where a text has no words).
 
     One regex pass tokenises every text; per-word properties are looked up once per distinct
-    word and summed per text with ``np.bincount``.
+    word and summed per text with ``np.bincount``. One helper per dimension computes its rates.
     """
-    n = len(texts)
-    s = pd.Series(list(texts), dtype=object)
-    toks = [_WORD.findall(t) for t in texts]
-    n_words = np.fromiter((len(t) for t in toks), dtype=np.int64, count=n)
-    flat = pd.Series(list(chain.from_iterable(toks)), dtype=object)
-    doc = np.repeat(np.arange(n), n_words)  # [n_tokens] text index of each token
-    lower = flat.str.lower().str.replace("\u2019", "'", regex=False)
-    code, vocab = pd.factorize(lower)  # code [n_tokens] -> vocab [n_distinct]
-    vocab = list(vocab)
-
-    freq = _frequencies()
-    zipf = np.array([math.log10(freq[w]) + 9 if w in freq else 0.0 for w in vocab], dtype=np.float64)
-    syl = _syllables(vocab)
-    vlen = np.array([len(w) for w in vocab], dtype=np.float64)
-    easy = _easy_words()
-    in_set = {name: np.array([w in ws for w in vocab], dtype=bool) for name, ws in [
-        ("function", _FUNCTION), ("personal", _PERSONAL), ("subord", _SUBORD), ("be", _BE),
-        ("preps", _PREPS), ("causal", _CAUSAL), ("contrast", _CONTRAST), ("conditional", _CONDITIONAL),
-        ("comparative", _COMPARATIVE), ("anaphora", _ANAPHORA), ("easy", easy)]}
-    vs = pd.Series(vocab, dtype=object)
-    contraction = vs.str.contains("'", regex=False).to_numpy(dtype=bool)
-    participle = vs.str.contains(r"(?:ed|en)$").to_numpy(dtype=bool) & (vlen > 3) | vs.isin(_PARTICIPLE_IRREGULAR).to_numpy()
-    nominal = vs.str.contains(_NOMINAL).to_numpy(dtype=bool) & (vlen >= 6) & ~in_set["function"]
-    technical = vs.str.contains(_TECHNICAL).to_numpy(dtype=bool) & (vlen >= 6) & ~in_set["function"]
-
-    def per_text(values: np.ndarray) -> np.ndarray:  # sum of a per-token value over each text
-        return np.bincount(doc, weights=values, minlength=n)
-
-    def count(vocab_mask: np.ndarray) -> np.ndarray:
-        return per_text(vocab_mask[code].astype(np.float64))
-
-    cap = flat.str[:1].str.isupper().to_numpy(dtype=bool)  # tokens start with a letter
-    allcaps = (flat.str.len() >= 2).to_numpy() & flat.str.isupper().to_numpy(dtype=bool) & (flat != "I").to_numpy()
-    content_tok = ~in_set["function"][code]
-    vocab_tok = ~cap  # word-property rates skip capitalised tokens: names are not vocabulary
-    n_vocab = per_text(vocab_tok.astype(np.float64))
-    nv = np.where(n_vocab > 0, n_vocab, np.nan)
-    n_content = per_text((content_tok & vocab_tok).astype(np.float64))
-    nc = np.where(n_content > 0, n_content, np.nan)
-
-    def vcount(vocab_mask: np.ndarray) -> np.ndarray:  # count over lower-case tokens only
-        return per_text((vocab_mask[code] & vocab_tok).astype(np.float64))
-
-    # passive: a form of "be" followed by a participle directly or after one word ("was quickly sold")
-    part_tok = participle[code]
-    part_next = np.zeros(len(code), dtype=bool)  # [n_tokens] a participle 1 or 2 tokens later, same text
-    for k in (1, 2):
-        part_next[:-k] |= part_tok[k:] & (doc[k:] == doc[:-k])
-    passive_tok = in_set["be"][code] & part_next
-
-    low = s.str.lower()
-    n_sent_marks = s.str.count(_SENT_END).to_numpy()
-    ends = s.str.rstrip().str.contains(r"[.!?][\"'\u201d\u2019)\]]*$").to_numpy()
-    n_sent = np.maximum(1, n_sent_marks + ~ends)
-    w = np.maximum(n_words, 1).astype(np.float64)
-
-    # lexical diversity: mean segmental type-token ratio over 50-word segments (MSTTR-50); a shorter
-    # (final) segment of m >= 10 words is put on the same footing with Herdan's law, TTR(N) = N^(C-1)
-    starts = np.r_[0, np.cumsum(n_words)[:-1]]
-    seg = doc * (MAX_SEGMENTS + 1) + np.minimum((np.arange(len(code)) - starts[doc]) // 50, MAX_SEGMENTS)
-    seg_id, seg_of_tok = np.unique(seg, return_inverse=True)
-    m = np.bincount(seg_of_tok).astype(np.float64)
-    v = np.bincount(np.unique(seg_of_tok.astype(np.int64) * (len(vocab) + 1) + code) // (len(vocab) + 1),
-                    minlength=len(seg_id)).astype(np.float64)
-    ok = m >= 10
-    ttr50 = np.where(ok, np.exp((np.log(v) / np.log(np.maximum(m, 2)) - 1) * np.log(50)), 0.0)
-    seg_doc = seg_id // (MAX_SEGMENTS + 1)
-    wsum = np.bincount(seg_doc, weights=np.where(ok, m, 0.0), minlength=n)
-    msttr = np.bincount(seg_doc, weights=ttr50 * np.where(ok, m, 0.0), minlength=n) / np.where(wsum > 0, wsum, np.nan)
-
-    multi = {k: low.str.count(p).to_numpy() for k, p in _MULTI.items()}
-    proper = np.maximum(per_text(cap & (flat != "I").to_numpy()) - n_sent, 0)
-
-    f = pd.DataFrame({
-        "rare": vcount(zipf < RARE_ZIPF) / nv,
-        "syllables": per_text(np.where(vocab_tok, syl[code], 0.0)) / nv,
-        "chars": per_text(np.where(vocab_tok, vlen[code], 0.0)) / nv,
-        "dale_chall": vcount(~in_set["easy"] & (syl >= 2)) / nv,
-        "msttr": msttr,
-        "content": count(~in_set["function"]) / w,
-        "sent_len": np.log(w / n_sent),
-        "subord": count(in_set["subord"]) / n_sent,
-        "passive": per_text(passive_tok.astype(np.float64)) / n_sent,
-        "punct": s.str.count(r"[,;:()\[\]\u2014\u2013]|--").to_numpy() / n_sent,
-        "preps": count(in_set["preps"]) / n_sent,
-        "nominal": count(nominal) / w,
-        "poly": vcount(syl >= 3) / nv,
-        "ideas": np.log1p(count(~in_set["function"]) / n_sent),
-        "content_rarity": per_text(np.where(content_tok & vocab_tok, 7.0 - np.minimum(zipf[code], 7.0), 0.0)) / nc,
-        "personal": count(in_set["personal"]) / w,
-        "contractions": count(contraction) / w,
-        "very_rare": vcount(zipf < VERY_RARE_ZIPF) / nv,
-        "technical": count(technical) / w,
-        "numeric": s.str.count(_NUMERIC).to_numpy() / w,
-        "acronyms": per_text(allcaps.astype(np.float64)) / w,
-        "parens": s.str.count(r"[()\[\]]").to_numpy() / w,
-        "causal": (count(in_set["causal"]) + multi["causal"]) / n_sent,
-        "contrast": (count(in_set["contrast"]) + multi["contrast"]) / n_sent,
-        "conditional": (count(in_set["conditional"]) + multi["conditional"]) / n_sent,
-        "comparative": (count(in_set["comparative"]) + multi["comparative"]) / n_sent,
-        "proper": proper / w,
-        "anaphora": count(in_set["anaphora"]) / w,
-        "citations": 100 * (s.str.count(_YEAR).to_numpy() + multi["citations"]) / w,
-    })
+    t = _Tokens(texts)
+    f = pd.DataFrame({**_lexical(t), **_syntactic(t), **_conceptual(t), **_domain(t), **_logical(t),
+                      **_contextual(t)})
     f[SQRT_FEATURES] = np.sqrt(f[SQRT_FEATURES])  # counts per unit: square root stabilises the variance
-    f.loc[n_words == 0] = np.nan
-    f["words"] = n_words
+    f.loc[t.n_words == 0] = np.nan
+    f["words"] = t.n_words
     return f
 
 
 # ------------------------------------------------------------------------------------------- scorer
 def _check(texts: Sequence[str] | str) -> list[str]:
-    if isinstance(texts, (str, bytes)):
-        raise TypeError("texts must be a list of strings, got a single string; wrap it in a list: [text]")
-    out = []
-    for i, t in enumerate(texts):
+    """A list of str; bytes are decoded as UTF-8 (invalid bytes replaced) with a warning."""
+    out = text_list(texts, allow_bytes=True)
+    for i, t in enumerate(out):
         if isinstance(t, bytes):
             warnings.warn(f"texts[{i}] is bytes; decoded as UTF-8 with invalid bytes replaced", stacklevel=3)
-            t = t.decode("utf-8", errors="replace")
-        if not isinstance(t, str):
-            raise TypeError(f"texts[{i}] is a {type(t).__name__}, not a str; convert or drop it")
-        out.append(t)
+            out[i] = t.decode("utf-8", errors="replace")
     return out
 
 

@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ._io import atomic_path, cache_root
+from .checks import positive_int
+from .io import atomic_path, cache_root
 
 CORPUS_VERSION = 2  # bump when chunking, cleaning or caps change: the cached pool is rebuilt
 BUILD_SEED = 0  # fixed: the caps draw the same pool on every machine
@@ -380,8 +381,7 @@ def fetch_data(*, build: bool = True) -> dict[str, Path]:
 # ------------------------------------------------------------------------------------ load_corpus
 def _sample(df: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
     """A seeded shuffle, then the first ``n`` rows (so a smaller ``n`` is a prefix of a larger one)."""
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise ValueError(f"n must be a positive int or None, got {n!r}")
+    positive_int(n, "n", allow_none=True)
     order = np.random.default_rng(seed).permutation(len(df))
     if n is not None:
         if n > len(df):
@@ -430,7 +430,7 @@ def _label_file(df: pd.DataFrame, path: Path) -> pd.DataFrame:
         failed |= df["complexity_details"].map(_is_error).to_numpy(dtype=bool)
     if failed.any():
         warnings.warn(f"{path.name}: {int(failed.sum())} rows were failed annotations stored as 0.0 by the "
-                      "reference code; their complexity is set to NaN", stacklevel=3)
+                      "reference code; their complexity is set to NaN", stacklevel=4)
         out.loc[failed, "complexity"] = np.nan
     return out
 
@@ -461,41 +461,50 @@ def load_corpus(
         rebuild: embedded only, rebuild the cached pool.
     """
     if isinstance(name, str) and name == "embedded":
-        df = embedded_pool(rebuild=rebuild)
-        if sources is not None:
-            bad = sorted(set(sources) - set(EMBEDDED_SOURCES))
-            if bad:
-                raise ValueError(f"unknown embedded sources {bad}; valid: {list(EMBEDDED_SOURCES)}")
-            missing = sorted(set(sources) - set(df["source"].unique()))
-            if missing:
-                warnings.warn(f"embedded corpus: sources {missing} are not available (npm fallback)",
-                              stacklevel=2)
-            df = df[df["source"].isin(list(sources))].reset_index(drop=True)
-        return _to_dataset(_sample(df, n, seed))
+        return _to_dataset(_sample(_embedded(sources, rebuild), n, seed))
     if sources is not None:
         raise ValueError("sources= applies only to the embedded corpus")
     path = Path(name)
     if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
-        if not path.is_file():
-            raise FileNotFoundError(f"corpus file {path} does not exist")
-        if path.suffix.lower() not in LOCAL_SUFFIXES:
-            raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use one of {list(LOCAL_SUFFIXES)}")
-        df = _read_local(path)
-        if "complexity_score" in df.columns or path.name.startswith("context_complexity"):
-            return _to_dataset(_sample(_label_file(df, path), n, seed))
-        if text_column not in df.columns:
-            raise ValueError(f"{path} has no {text_column!r} column (columns: {list(df.columns)}); "
-                             f"pass text_column= naming the column that holds the text")
-        df = df.rename(columns={text_column: "text"})
-        if "source" not in df.columns:
-            df["source"] = path.stem
-        return _to_dataset(_sample(df, n, seed))
+        return _to_dataset(_sample(_local(path, text_column), n, seed))
     if isinstance(name, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         return _load_hf(name, n=n, text_column=text_column, split=split)
     raise ValueError(
         f"unknown corpus {str(name)!r}; valid names: 'embedded', a Hugging Face dataset id such as "
         f"'monology/pile-uncopyrighted', or a path to a {'/'.join(LOCAL_SUFFIXES)} file with a text column"
     )
+
+
+def _embedded(sources: Sequence[str] | None, rebuild: bool) -> pd.DataFrame:
+    """The embedded pool, restricted to ``sources`` (warns about sources the npm fallback lacks)."""
+    df = embedded_pool(rebuild=rebuild)
+    if sources is None:
+        return df
+    bad = sorted(set(sources) - set(EMBEDDED_SOURCES))
+    if bad:
+        raise ValueError(f"unknown embedded sources {bad}; valid: {list(EMBEDDED_SOURCES)}")
+    missing = sorted(set(sources) - set(df["source"].unique()))
+    if missing:
+        warnings.warn(f"embedded corpus: sources {missing} are not available (npm fallback)", stacklevel=3)
+    return df[df["source"].isin(list(sources))].reset_index(drop=True)
+
+
+def _local(path: Path, text_column: str) -> pd.DataFrame:
+    """A local table with ``text`` and ``source`` columns (a complexity label file gets ``complexity`` too)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus file {path} does not exist")
+    if path.suffix.lower() not in LOCAL_SUFFIXES:
+        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use one of {list(LOCAL_SUFFIXES)}")
+    df = _read_local(path)
+    if "complexity_score" in df.columns or path.name.startswith("context_complexity"):
+        return _label_file(df, path)
+    if text_column not in df.columns:
+        raise ValueError(f"{path} has no {text_column!r} column (columns: {list(df.columns)}); "
+                         f"pass text_column= naming the column that holds the text")
+    df = df.rename(columns={text_column: "text"})
+    if "source" not in df.columns:
+        df["source"] = path.stem
+    return df
 
 
 def _load_hf(name: str, *, n: int | None, text_column: str, split: str):

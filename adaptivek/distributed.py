@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 
 from .activations import _check_layers, _check_texts, extract, write_shard_manifest
+from .checks import int_at_least
 
 
 def shard_bounds(n: int, world_size: int) -> list[tuple[int, int]]:
     """Contiguous, near-equal ``[start, stop)`` ranges of ``n`` items for each rank."""
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    int_at_least(world_size, "world_size")
     edges = torch.linspace(0, n, world_size + 1).round().long().tolist()
     return list(zip(edges[:-1], edges[1:], strict=True))
 

@@ -4,9 +4,9 @@
 
 * ``mse``: mean squared error **per element**, ``Σ‖x - x̂‖² / (n · d)`` (the training loss's unit);
 * ``fve``: fraction of variance explained over the whole set, ``1 - Σ‖x - x̂‖² / Σ‖x - x̄‖²`` with the
-  mean ``x̄`` of this evaluation set subtracted (SAELens before 6.45.1 and the reference code's
-  per-context variant got this wrong: see ``reference/paper.md`` §5 flaws 6-7). ``Σ‖x - x̄‖²`` is
-  accumulated with Chan et al.'s pairwise merge of per-batch means and sums of squares in float64,
+  mean ``x̄`` of this evaluation set subtracted (SAELens before 6.45.1 got this wrong, and so did the
+  reference code's per-context variant: its flaws 6-7 in ``docs/reference-code.md``). ``Σ‖x - x̄‖²``
+  is accumulated with Chan et al.'s pairwise merge of per-batch means and sums of squares in float64,
   so a large common offset does not cancel catastrophically;
 * ``cosine`` (mean over rows of cos(x, x̂)), ``l2_ratio`` (mean over rows of ‖x̂‖ / ‖x‖, SAEBench's);
 * ``l0_mean``, ``l0_std`` and ``l0`` (every row's number of active latents), ``dead_frac`` (latents
@@ -39,6 +39,8 @@ from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor
+
+from .checks import finite_number, finite_rows, matrix, one_of, positive_int
 
 
 class Encoder(Protocol):
@@ -100,54 +102,18 @@ def evaluate(sae: Encoder, X: Tensor, *, batch_size: int = 4096, k: int | Tensor
     Returns a dict: ``mse`` (per element), ``fve``, ``fvu``, ``cosine``, ``l2_ratio``, ``l0_mean``,
     ``l0_std``, ``l0`` (int64 tensor [n]), ``dead_frac``, ``ever_fired_frac``, ``n``, ``d_in``, ``d_sae``.
     """
-    if not isinstance(X, Tensor):
-        raise TypeError(f"X must be a torch.Tensor [n, d_in], got {type(X).__name__}")
-    if X.ndim != 2:
-        raise ValueError(f"X must be 2-D [n, d_in], got shape {tuple(X.shape)}")
-    n, d = X.shape
+    n, d = matrix(X, "X").shape
     if n < 2:
         raise ValueError(f"the evaluation set has {n} row(s): FVE = 1 - SSE / Σ‖x - mean(x)‖² is undefined "
                          f"without at least 2 vectors (the variance of one vector is 0/0); evaluate on more rows")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if not torch.isfinite(X).all():
-        rows = (~torch.isfinite(X).all(1)).nonzero().flatten()
-        raise ValueError(f"X contains NaN or inf in {len(rows)} row(s) (first: {rows[:5].tolist()}); drop them")
+    positive_int(batch_size, "batch_size")
+    finite_rows(X, "X", "drop them")
     k = _check_k(k, n)
-
-    f64 = torch.float64
-    sse = torch.zeros((), dtype=f64)
-    mean = torch.zeros(d, dtype=f64)  # running mean of x
-    m2 = torch.zeros((), dtype=f64)  # running Σ‖x - mean‖²
-    seen = 0
-    l0s, cos_rows, ratio_rows, err_rows = [], [], [], []
-    fired: Tensor | None = None
-    for start in range(0, n, batch_size):
-        xb = X[start:start + batch_size]
-        kb = k[start:start + batch_size] if isinstance(k, Tensor) else k(xb) if callable(k) else k
-        x_hat, codes = reconstruct(sae, xb, kb)
-        x64, h64 = xb.to(device="cpu", dtype=f64), x_hat.detach().to(device="cpu", dtype=f64)
-        err = (x64 - h64).pow(2).sum(1)  # [B]
-        sse += err.sum()
-        # Chan et al.: merge (seen, mean, m2) with this batch's (nb, mean_b, m2_b)
-        nb = len(xb)
-        mean_b = x64.mean(0)
-        m2_b = (x64 - mean_b).pow(2).sum()
-        delta = mean_b - mean
-        m2 += m2_b + delta.pow(2).sum() * seen * nb / (seen + nb)
-        mean += delta * nb / (seen + nb)
-        seen += nb
-        xn, hn = x64.norm(dim=1), h64.norm(dim=1)  # [B]
-        cos_rows.append((x64 * h64).sum(1) / (xn * hn).clamp_min(1e-30))
-        ratio_rows.append(hn / xn.clamp_min(1e-30))
-        err_rows.append(err)
-        active = codes != 0  # [B, d_sae]
-        l0s.append(active.sum(1).cpu())
-        fired = active.any(0).cpu() if fired is None else fired | active.any(0).cpu()
+    sse, m2, rows, fired = _stream(sae, X, k, batch_size)
     if not m2 > 0:
         raise ValueError("every row of X is the same vector: Σ‖x - mean(x)‖² = 0, so FVE is undefined")
-    l0 = torch.cat(l0s).to(torch.int64)
-    cos_all, ratio_all = torch.cat(cos_rows), torch.cat(ratio_rows)
+    l0 = torch.cat(rows["l0"]).to(torch.int64)
+    cos_all, ratio_all = torch.cat(rows["cosine"]), torch.cat(rows["l2_ratio"])
     fve = float(1 - sse / m2)
     out: dict[str, Any] = {
         "mse": float(sse / (n * d)), "fve": fve, "fvu": 1 - fve, "cosine": float(cos_all.mean()),
@@ -155,8 +121,44 @@ def evaluate(sae: Encoder, X: Tensor, *, batch_size: int = 4096, k: int | Tensor
         "l0_std": float(l0.double().std()), "l0": l0, "dead_frac": float(1 - fired.double().mean()),
         "ever_fired_frac": float(fired.double().mean()), "n": n, "d_in": d, "d_sae": int(fired.numel())}
     if per_row:
-        out |= {"row_sq_err": torch.cat(err_rows), "row_cosine": cos_all, "row_l2_ratio": ratio_all}
+        out |= {"row_sq_err": torch.cat(rows["sq_err"]), "row_cosine": cos_all, "row_l2_ratio": ratio_all}
     return out
+
+
+def _stream(sae: Encoder, X: Tensor, k: Any, batch_size: int
+            ) -> tuple[Tensor, Tensor, dict[str, list[Tensor]], Tensor]:
+    """One pass over ``X`` in batches: ``(Σ‖x - x̂‖², Σ‖x - x̄‖², per-row parts, latents that fired [d_sae])``.
+
+    ``Σ‖x - x̄‖²`` merges per-batch means and sums of squares (Chan et al.) in float64, so a large common
+    offset does not cancel; the per-row parts are lists of per-batch ``sq_err``, ``cosine``, ``l2_ratio``
+    (float64) and ``l0`` tensors.
+    """
+    f64 = torch.float64
+    sse, m2 = torch.zeros((), dtype=f64), torch.zeros((), dtype=f64)  # Σ‖x - x̂‖², running Σ‖x - mean‖²
+    mean = torch.zeros(X.shape[1], dtype=f64)  # running mean of x
+    seen, fired = 0, None
+    rows: dict[str, list[Tensor]] = {"sq_err": [], "cosine": [], "l2_ratio": [], "l0": []}
+    for start in range(0, len(X), batch_size):
+        xb = X[start:start + batch_size]
+        kb = k[start:start + batch_size] if isinstance(k, Tensor) else k(xb) if callable(k) else k
+        x_hat, codes = reconstruct(sae, xb, kb)
+        x64, h64 = xb.to(device="cpu", dtype=f64), x_hat.detach().to(device="cpu", dtype=f64)
+        err = (x64 - h64).pow(2).sum(1)  # [B]
+        sse += err.sum()
+        nb, mean_b = len(xb), x64.mean(0)  # merge (seen, mean, m2) with this batch's (nb, mean_b, m2_b)
+        m2_b = (x64 - mean_b).pow(2).sum()
+        delta = mean_b - mean
+        m2 += m2_b + delta.pow(2).sum() * seen * nb / (seen + nb)
+        mean += delta * nb / (seen + nb)
+        seen += nb
+        xn, hn = x64.norm(dim=1), h64.norm(dim=1)  # [B]
+        rows["cosine"].append((x64 * h64).sum(1) / (xn * hn).clamp_min(1e-30))
+        rows["l2_ratio"].append(hn / xn.clamp_min(1e-30))
+        rows["sq_err"].append(err)
+        active = codes != 0  # [B, d_sae]
+        rows["l0"].append(active.sum(1).cpu())
+        fired = active.any(0).cpu() if fired is None else fired | active.any(0).cpu()
+    return sse, m2, rows, fired
 
 
 # ----------------------------------------------------------------------------- downstream loss
@@ -239,8 +241,29 @@ def downstream_losses(lm: Any, saes: Mapping[str, Encoder], texts: Sequence[str]
     Returns ``{"ce_clean", "ce_ablate", "n", "rows_clean" [n], "rows_ablate" [n], "saes": {name: {"ce_sae",
     "frac_recovered", "delta_ce", "l0_mean", "rows" [n], "l0" [n]}}}``; losses in nats, float64 CPU rows.
     """
+    from tqdm.auto import tqdm
+
+    layer = _check_downstream(lm, saes, layer, token, batch_size, scale, method)
+    ids_all, mask_all = _tokenize(lm.tokenizer, texts, max_length)
+    n = len(ids_all)
+    ks = _check_ks(k, saes, n)
+    if mean is None:
+        mean = _splice_mean(lm, layer, ids_all, mask_all, batch_size)
+    mean = torch.as_tensor(mean, dtype=torch.float32).flatten()
+    parts: list[dict[str, tuple[Tensor, Tensor | None]]] = []
+    order = torch.argsort(mask_all.sum(1), descending=True, stable=True)  # similar lengths share a batch
+    for start in tqdm(range(0, n, batch_size), desc="downstream loss", disable=not progress, unit="batch"):
+        sl = order[start:start + batch_size]
+        step, x, ce_clean = _prefix_pass(lm, layer, ids_all[sl], mask_all[sl], method)
+        ce_ablate = _spliced_ce(lm, layer, step, mean.to(x.dtype).expand_as(x))
+        parts.append({"clean": (ce_clean, None), "ablate": (ce_ablate, None)}
+                     | _sae_losses(lm, layer, step, x, saes, ks, sl, scale))
+    return _collect_losses(parts, order, list(saes))
+
+
+def _check_downstream(lm: Any, saes: Any, layer: Any, token: str, batch_size: Any, scale: Any, method: str) -> int:
+    """Validate :func:`downstream_losses`' settings; returns the checked layer index."""
     from .activations import _check_layers
-    from .models import model_device
 
     if token != "last":
         raise ValueError(f"token must be 'last' (splice at the second-to-last real token and score the last); "
@@ -249,84 +272,88 @@ def downstream_losses(lm: Any, saes: Mapping[str, Encoder], texts: Sequence[str]
         raise ValueError("saes must be a non-empty mapping name -> SAE")
     if isinstance(layer, bool) or not isinstance(layer, int):
         raise TypeError(f"layer must be an int (the block the SAEs were trained on), got {layer!r}")
-    layer = _check_layers(lm, layer)[0]
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
-    if method not in ("auto", "kv", "full"):
-        raise ValueError(f"method must be 'auto', 'kv' or 'full', got {method!r}")
-    ids_all, mask_all = _tokenize(lm.tokenizer, texts, max_length)
-    n = len(ids_all)
-    ks = {name: _check_k((k or {}).get(name), n) for name in saes}
+    positive_int(batch_size, "batch_size")
+    finite_number(scale, "scale", low=0, low_open=True)
+    one_of(method, "method", ("auto", "kv", "full"))
+    return _check_layers(lm, layer)[0]
+
+
+def _check_ks(k: Mapping[str, Any] | None, saes: Mapping[str, Any], n: int) -> dict[str, Any]:
+    """Each SAE's checked per-text k (None: its own), refusing names that are not SAEs."""
     unknown = set(k or {}) - set(saes)
+    ks = {name: _check_k((k or {}).get(name), n) for name in saes}
     if unknown:
         raise ValueError(f"k names SAEs that are not in saes: {sorted(unknown)}")
+    return ks
+
+
+def _prefix_pass(lm: Any, layer: int, ids: Tensor, mask: Tensor, method: str
+                 ) -> tuple[tuple[Tensor, Tensor, Tensor, Any, Tensor], Tensor, Tensor]:
+    """Run one batch's tokens ``0..t`` (t the second-to-last real token) once.
+
+    Returns ``(step, x, ce_clean)``: ``step = (ids, mask, pos, cache, target)`` is what each splice runs
+    (one token on the key/value cache of ``0..t-1``, or the whole prefix when the cache cannot be rolled
+    back), ``x [B, d]`` the block output at ``t`` and ``ce_clean [B]`` the unspliced loss.
+    """
+    from .models import model_device
+
+    keep = mask.any(0).nonzero()[0, 0]  # drop columns that are padding in every row (left padding)
     device = model_device(lm)
-    if mean is None:
-        mean = _splice_mean(lm, layer, ids_all, mask_all, batch_size)
-    mean = torch.as_tensor(mean, dtype=torch.float32).flatten()
+    ids, mask = ids[:, keep:].to(device), mask[:, keep:].to(device)
+    target = ids[:, -1]  # [B] the last real token
+    p_ids, p_mask = ids[:, :-1], mask[:, :-1]  # tokens 0..t
+    p_pos = (p_mask.cumsum(1) - 1).clamp(min=0)
+    cache = None
+    if method != "full":
+        from transformers import DynamicCache
 
-    from tqdm.auto import tqdm
-
-    rows: dict[str, list[Tensor]] = {"clean": [], "ablate": []} | {s: [] for s in saes}
-    l0s: dict[str, list[Tensor]] = {s: [] for s in saes}
-    order = torch.argsort(mask_all.sum(1), descending=True, stable=True)  # similar lengths share a batch
-    for start in tqdm(range(0, n, batch_size), desc="downstream loss", disable=not progress, unit="batch"):
-        sl = order[start:start + batch_size]
-        ids, mask = ids_all[sl], mask_all[sl]
-        # drop columns that are padding in every row (texts were left-padded to the longest of all)
-        keep = mask.any(0).nonzero()[0, 0]
-        ids, mask = ids[:, keep:].to(device), mask[:, keep:].to(device)
-        target = ids[:, -1]  # [B] the last real token
-        p_ids, p_mask = ids[:, :-1], mask[:, :-1]  # tokens 0..t, t = second-to-last
-        p_pos = (p_mask.cumsum(1) - 1).clamp(min=0)
-        use_kv = method != "full"
+        cache = DynamicCache(config=lm._module.config)
+    logits, x = _trace(lm, layer, p_ids, p_mask, p_pos, read=True, cache=cache)
+    if cache is not None and not _can_roll_back(cache):
+        if method == "kv":
+            raise ValueError("this model's cache cannot be rolled back (sliding-window layers?); use method='full'")
         cache = None
-        if use_kv:
-            from transformers import DynamicCache
+    if cache is not None:
+        cache.crop(-1)  # forget position t: every splice re-runs it on top of positions 0..t-1
+        step = (p_ids[:, -1:], p_mask, p_pos[:, -1:], cache, target)
+    else:
+        step = (p_ids, p_mask, p_pos, None, target)
+    ce_clean = torch.nn.functional.cross_entropy(logits, target, reduction="none").double().cpu()
+    return step, x, ce_clean
 
-            cache = DynamicCache(config=lm._module.config)
-        logits, x = _trace(lm, layer, p_ids, p_mask, p_pos, read=True, cache=cache)
-        if use_kv and not _can_roll_back(cache):
-            if method == "kv":
-                raise ValueError("this model's cache cannot be rolled back (sliding-window layers?); use method='full'")
-            use_kv = False
-        if use_kv:
-            cache.crop(-1)  # forget position t: every splice re-runs it on top of positions 0..t-1
-            s_ids, s_mask, s_pos = p_ids[:, -1:], p_mask, p_pos[:, -1:]
-        else:
-            cache = None
-            s_ids, s_mask, s_pos = p_ids, p_mask, p_pos
 
-        step = (s_ids, s_mask, s_pos, cache)
-        rows["clean"].append(torch.nn.functional.cross_entropy(logits, target, reduction="none").double().cpu())
-        rows["ablate"].append(_spliced_ce(lm, layer, step, mean.to(x.dtype).expand_as(x), target))
-        x_cpu = x.cpu()
-        for name, sae in saes.items():
-            kn = ks[name]
-            kb = kn[sl] if isinstance(kn, Tensor) else kn(x_cpu * scale) if callable(kn) else kn
-            x_hat, codes = reconstruct(sae, x_cpu * scale, kb)
-            l0s[name].append((codes != 0).sum(1).cpu())
-            rows[name].append(_spliced_ce(lm, layer, step, x_hat.float() / scale, target))
+def _sae_losses(lm: Any, layer: int, step: tuple, x: Tensor, saes: Mapping[str, Encoder], ks: dict[str, Any],
+                sl: Tensor, scale: float) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per SAE: ``(ce [B], l0 [B])`` with its reconstruction of ``x [B, d]`` spliced in (rows ``sl``)."""
+    x_cpu, out = x.cpu(), {}
+    for name, sae in saes.items():
+        kn = ks[name]
+        kb = kn[sl] if isinstance(kn, Tensor) else kn(x_cpu * scale) if callable(kn) else kn
+        x_hat, codes = reconstruct(sae, x_cpu * scale, kb)
+        out[name] = (_spliced_ce(lm, layer, step, x_hat.float() / scale), (codes != 0).sum(1).cpu())
+    return out
+
+
+def _collect_losses(parts: list[dict[str, tuple[Tensor, Tensor | None]]], order: Tensor, names: list[str]
+                    ) -> dict[str, Any]:
+    """Concatenate the batches' losses back into text order and summarise them (downstream_losses' return)."""
     inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(n)
-    cat = {name: torch.cat(v)[inverse] for name, v in rows.items()}
-    l0_rows = {name: torch.cat(v)[inverse].to(torch.int64) for name, v in l0s.items()}
+    inverse[order] = torch.arange(len(order))
+    cat = {name: torch.cat([p[name][0] for p in parts])[inverse] for name in parts[0]}
+    l0 = {name: torch.cat([p[name][1] for p in parts])[inverse].to(torch.int64) for name in names}
     clean, ablate = float(cat["clean"].mean()), float(cat["ablate"].mean())
-    result: dict[str, Any] = {"ce_clean": clean, "ce_ablate": ablate, "n": n, "rows_clean": cat["clean"],
+    result: dict[str, Any] = {"ce_clean": clean, "ce_ablate": ablate, "n": len(order), "rows_clean": cat["clean"],
                               "rows_ablate": cat["ablate"], "saes": {}}
-    for name in saes:
+    for name in names:
         ce = float(cat[name].mean())
-        l0 = l0_rows[name]
         result["saes"][name] = {"ce_sae": ce, "delta_ce": ce - clean, "frac_recovered": frac_recovered(clean, ce, ablate),
-                                "l0_mean": float(l0.double().mean()), "rows": cat[name], "l0": l0}
+                                "l0_mean": float(l0[name].double().mean()), "rows": cat[name], "l0": l0[name]}
     return result
 
 
-def _spliced_ce(lm: Any, layer: int, step: tuple[Tensor, Tensor, Tensor, Any], vec: Tensor, target: Tensor) -> Tensor:
-    """Per-row CE [B] of ``target`` with ``vec [B, d]`` written at the last column; rolls the cache back."""
-    ids, mask, pos, cache = step
+def _spliced_ce(lm: Any, layer: int, step: tuple[Tensor, Tensor, Tensor, Any, Tensor], vec: Tensor) -> Tensor:
+    """Per-row CE [B] of the step's target with ``vec [B, d]`` written at the last column; rolls the cache back."""
+    ids, mask, pos, cache, target = step
     logits, _ = _trace(lm, layer, ids, mask, pos, splice=vec.to(ids.device), cache=cache)
     if cache is not None:
         cache.crop(-1)

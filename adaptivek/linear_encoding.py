@@ -1,7 +1,7 @@
 """Is complexity linearly encoded? Layer sweep, controls and OneStopEnglish transfer.
 
 Everything here scores predictions on one held-out test split, drawn once from ``seed``
-(:func:`split_indices`), so every row of a sweep or a controls table is computed on the same
+(:func:`~adaptivek.stats.split_indices`), so every row of a sweep or a controls table is computed on the same
 texts, and the bootstrap (also seeded) resamples the same test rows for every row: the CIs are
 paired and :func:`controls_table` can report the CI of the *difference* to the probe.
 
@@ -27,39 +27,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .probe import (
-    LAMBDAS,
-    RidgeProbe,
-    _as_float64,
-    _check_finite,
-    _check_xy,
-    bootstrap_ci,
-    fit_many,
-    pearson,
-    r2,
-    rmse,
-    spearman,
-)
+from .checks import finite_rows, int_at_least, real_tensor
+from .probe import _NOT_FINITE, LAMBDAS, RidgeProbe, _check_xy, fit_many
+from .stats import bootstrap_ci, ordered_share, pearson, r2, rmse, spearman, split_indices
 
 METRICS = {"rmse": rmse, "pearson": pearson, "spearman": spearman, "r2": r2}
 
 
-# ----------------------------------------------------------------------------- split and scores
-def split_indices(n: int, *, test_frac: float = 0.2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded random (train [n - n_test], test [n_test]) index split; ``n_test = round(test_frac * n)``."""
-    if not 0 < test_frac < 1:
-        raise ValueError(f"test_frac must be in (0, 1), got {test_frac}")
-    n_test = int(round(test_frac * n))
-    if n_test < 2 or n - n_test < 2:
-        raise ValueError(f"{n} samples with test_frac={test_frac} leave {n - n_test} train / {n_test} test rows; "
-                         f"need at least 2 of each: use more texts")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
-    return perm[n_test:].sort().values, perm[:n_test].sort().values
-
-
+# ----------------------------------------------------------------------------- scores
 def score_predictions(pred: Any, y: Any, *, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict:
     """``rmse``, ``pearson``, ``spearman``, ``r2`` with ``*_lo``/``*_hi`` percentile-bootstrap CIs, and ``n``."""
-    p, t = _as_float64(pred, "pred").cpu().flatten(), _as_float64(y, "y").cpu().flatten()
+    p, t = real_tensor(pred, "pred").cpu().flatten(), real_tensor(y, "y").cpu().flatten()
     if len(p) != len(t):
         raise ValueError(f"predictions and labels have different lengths: {len(p)} vs {len(t)}")
     out: dict[str, Any] = {}
@@ -107,8 +85,7 @@ def layer_sweep(acts_by_layer: dict[int, Any], y: Any, *, test_frac: float = 0.2
     """
     if not acts_by_layer:
         raise ValueError("acts_by_layer is empty; pass {layer: activations [n, d]}")
-    y = _as_float64(y, "y").cpu().flatten()
-    _check_finite(y, "y")
+    y = finite_rows(real_tensor(y, "y").cpu().flatten(), "y", _NOT_FINITE)
     train, test = split_indices(len(y), test_frac=test_frac, seed=seed)
     rows = []
     for layer in sorted(acts_by_layer):
@@ -145,8 +122,7 @@ def _texts(texts: Sequence[str]) -> list[str]:
 
 
 def _token_ids(lm, texts: list[str], max_length: int) -> list[list[int]]:
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-        raise ValueError(f"max_length must be an int >= 1, got {max_length!r}")
+    int_at_least(max_length, "max_length")
     ids = lm.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]  # as extract() tokenises
     for i, row in enumerate(ids):
         if not row:
@@ -347,8 +323,8 @@ def onestop_transfer(probe: Any, acts: Any, levels: Any, topics: Sequence[Any], 
     ``pairwise_share`` (share of within-topic level pairs ordered correctly), ``n_topics``, ``n`` and
     ``mean_by_level`` (mean prediction per level).
     """
-    pred = _as_float64(probe.predict(acts), "predictions").cpu().flatten()
-    lev = _as_float64(levels, "levels").cpu().flatten()
+    pred = real_tensor(probe.predict(acts), "predictions").cpu().flatten()
+    lev = real_tensor(levels, "levels").cpu().flatten()
     topics = list(topics)
     if not (len(pred) == len(lev) == len(topics)):
         raise ValueError(f"acts, levels and topics have different lengths: {len(pred)}, {len(lev)}, {len(topics)}")
@@ -360,7 +336,7 @@ def onestop_transfer(probe: Any, acts: Any, levels: Any, topics: Sequence[Any], 
     full = table.dropna().to_numpy()  # [n_topics, 3]: mean prediction per level
     pairs = np.stack([full[:, 1] > full[:, 0], full[:, 2] > full[:, 1], full[:, 2] > full[:, 0]], 1)
     return {"spearman": ci.estimate, "spearman_lo": ci.lo, "spearman_hi": ci.hi,
-            "ordered_share": float(pairs[:, :2].all(1).mean()) if len(full) else math.nan,
+            "ordered_share": ordered_share(df["pred"], df["level"], df["topic"], levels=(0, 1, 2)),
             "pairwise_share": float(pairs.mean()) if len(full) else math.nan,
             "n_topics": len(full), "n": len(pred),
             "mean_by_level": df.groupby("level")["pred"].mean().reindex([0, 1, 2]).tolist()}

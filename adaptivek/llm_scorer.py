@@ -30,8 +30,9 @@ from typing import Any
 
 import pandas as pd
 
-from ._io import cache_root, write_json
+from .checks import finite_number, int_at_least, text_list
 from .complexity import COLUMNS, DIMENSIONS
+from .io import cache_root, write_json
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +137,9 @@ class LLMScorer:
     ):
         if not base_url or not model:
             raise ValueError("LLMScorer needs a base_url (e.g. https://api.openai.com/v1) and a model name")
-        if concurrency < 1 or max_retries < 0 or timeout <= 0:
-            raise ValueError("concurrency must be >= 1, max_retries >= 0 and timeout > 0")
+        int_at_least(concurrency, "concurrency")
+        int_at_least(max_retries, "max_retries", 0)
+        finite_number(timeout, "timeout", low=0, low_open=True)
         url = base_url.rstrip("/")
         self.url = url if url.endswith("/chat/completions") else f"{url}/chat/completions"
         self.model = model
@@ -229,12 +231,7 @@ class LLMScorer:
         """One row per text: the six dimensions and ``complexity`` in [0, 10] (NaN on failure), ``error``."""
         import httpx
 
-        if isinstance(texts, (str, bytes)):
-            raise TypeError("texts must be a list of strings, got a single string; wrap it in a list: [text]")
-        texts = list(texts)
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"texts[{i}] is a {type(t).__name__}, not a str; convert or drop it")
+        texts = text_list(texts)
         limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
         with httpx.Client(limits=limits) as client, ThreadPoolExecutor(self.concurrency) as pool:
             rows = list(pool.map(lambda t: self._score_one(client, t), texts))

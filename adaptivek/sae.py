@@ -1,52 +1,61 @@
-"""Sparse autoencoders: TopK and AdaptiveK (per-sample k from a complexity probe), one implementation.
+"""The SAE family: TopK, AdaptiveK (per-sample k from a complexity probe) and BatchTopK, one implementation.
 
-Both classes share :class:`SparseAutoencoder` (SAEBench/SAELens tensor layout):
+Every SAE shares :class:`SparseAutoencoder` (SAEBench/SAELens layout): pre-activations
+``(x - b_dec) @ W_enc + b_enc`` (:meth:`~SparseAutoencoder.pre_acts`), of which row ``i`` keeps its ``k_i``
+largest positive ones (:func:`variable_topk`: top-k at the largest k, then the rank mask
+``arange(k_max) < k[:, None]``; the reference code runs one ``torch.topk`` per row), and the decoder
+``x_hat = f @ W_dec + b_dec`` with unit-norm rows of ``W_dec [d_sae, d_in]``.
 
-* encoder ``f = ReLU((x - b_dec) @ W_enc + b_enc)`` followed by a per-row top-k: row ``i`` keeps its
-  ``k_i`` largest positive pre-activations. ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``.
-* decoder ``x_hat = f @ W_dec + b_dec`` with unit-norm rows of ``W_dec [d_sae, d_in]``.
-* ``TopKSAE`` uses one ``k`` for every row; ``AdaptiveKSAE`` computes
-  ``k_i = complexity_to_k(probe.predict(x_i))`` (the paper's sigmoid map, Eq. 7) from a
-  :class:`~adaptivek.probe.RidgeProbe` it owns and saves with its weights.
-
-Variable k without a Python loop over rows: ``topk`` at the largest k, then the rank mask
-``arange(k_max) < k[:, None]`` (the reference code runs one ``torch.topk`` per row). Because ``topk``
-costs about linearly in k on CPU, rows are there first sorted by k into 8 equal groups, each topk'd at
-its own largest k (a loop over 8 groups; :func:`_encode_topk`, :data:`TOPK_BUCKETS`). Row ``i`` then has exactly ``k_i`` nonzeros
-whenever it has at least ``k_i`` positive pre-activations.
-
-Training exploits sparsity where the maths allows it (like EleutherAI/sparsify's fused encoder, but
-for the whole model): :class:`_SparseSAE` is one autograd function whose forward holds the step's only
-dense ``B x d_in x d_sae`` matmul and decodes with ``embedding_bag`` over the kept ``(index, value)``
-pairs; its backward touches only the kept entries (the decoder-side gradient of each value is a dot
-product, ``dW_dec`` and ``dW_enc`` are ``embedding_bag``s over batch rows grouped by latent with one
-shared sort, bias gradients are scatter-adds). AuxK uses the dense sub-matrix of the dead latents'
-columns. No ``[B, d_sae]`` gradient is ever materialised. ``benchmarks/sae.py`` measures the step in
-units of one dense matmul; ``tests/test_sae.py`` checks every gradient against plain autograd.
-
-Layout note: ``W_enc`` is created as ``W_dec.T.clone()`` and so stored column-major (its
-``[d_in, d_sae]`` view has strides ``(1, d_in)``), which is the layout its sparse gradient comes in.
+A variant is one small class plus its config (:mod:`adaptivek.sae_config`), registered under the config's
+``architecture``; the class gives the rule for k (``_default_k``): fixed (:class:`TopKSAE`),
+``complexity_to_k(probe.predict(x))`` (:class:`AdaptiveKSAE`, the paper's Eq. 7) or the batch rule
+(:class:`BatchTopKSAE`). A variant with another encoder overrides ``encode_sparse``, one with another
+objective ``loss``. :mod:`adaptivek.fused` holds the fast paths, tested against :func:`variable_topk`.
 """
 
 from __future__ import annotations
 
-import inspect
-import json
 import math
 import os
+from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._io import save_tensors, write_json
+from . import sae_config
+from .checks import finite_rows
+from .fused import _addmm, _bag, _encode_topk, fused_forward, geometric_median
+from .sae_config import AdaptiveKConfig, BatchTopKConfig, SAEConfig, TopKConfig, check_k, dtype_name
 
-FORMAT_VERSION = 1
+if TYPE_CHECKING:
+    from .training import TrainConfig
 
 
-# ----------------------------------------------------------------------------- outputs
+# ----------------------------------------------------------------------------- sparse codes
+class SparseCode(NamedTuple):
+    """A sparse encoding: row ``b`` keeps ``top_acts[b][mask[b]]`` at latents ``top_indices[b][mask[b]]``."""
+
+    top_acts: Tensor  # [B, k_max] activations, descending; 0 where masked
+    top_indices: Tensor  # [B, k_max] int64 latent of each entry (meaningless where masked)
+    mask: Tensor  # [B, k_max] bool: rank < k_i and a positive activation
+    k: Tensor  # [B] int64: the k requested for each row
+
+    def to_dense(self, d_sae: int) -> Tensor:
+        """Dense codes [B, d_sae] (scatter-add: masked entries are 0 and may repeat a latent)."""
+        return self.top_acts.new_zeros(len(self.top_acts), d_sae).scatter_add_(1, self.top_indices, self.top_acts)
+
+
+def variable_topk(pre: Tensor, k: Tensor) -> SparseCode:
+    """The reference variable-k encoder: row i keeps its ``k[i]`` largest positive pre-activations of ``pre [B, d_sae]``."""
+    acts, idx = pre.topk(int(k.max()), dim=1)  # [B, k_max], descending
+    acts = acts.relu()
+    mask = (torch.arange(acts.shape[1], device=pre.device) < k[:, None]) & (acts > 0)  # rank < k_i, active
+    return SparseCode(acts * mask, idx, mask, k)
+
+
 class ForwardOutput(NamedTuple):
     """What :meth:`SparseAutoencoder.forward` returns (scalars are 0-d tensors that carry gradients)."""
 
@@ -63,8 +72,7 @@ class ForwardOutput(NamedTuple):
     @property
     def codes(self) -> Tensor:
         """Dense codes [B, d_sae] (built on access: training never needs them)."""
-        codes = self.top_acts.new_zeros(self.top_acts.shape[0], self.d_sae)
-        return codes.scatter_add(1, self.top_indices, self.top_acts)  # add: padding entries (value 0) may repeat
+        return SparseCode(self.top_acts, self.top_indices, self.top_acts > 0, self.k).to_dense(self.d_sae)
 
     @property
     def l0(self) -> Tensor:
@@ -72,244 +80,66 @@ class ForwardOutput(NamedTuple):
         return (self.top_acts > 0).sum(1)
 
 
-# ----------------------------------------------------------------------------- the fused training path
-class _SparseSAE(torch.autograd.Function):
-    """Encoder, top-k, decoder and AuxK decoder in one function with a sparse backward.
-
-    Forward: ``pre = (x - b_dec) W_enc + b_enc`` (the one dense ``B x d_in x d_sae`` matmul), ``topk``,
-    ReLU and rank mask on the selected values, ``x_hat = Σ_kept a·W_dec[j] + b_dec`` as an
-    ``embedding_bag``. Backward: the gradient of each kept value is a dot product
-    ``g_x_hat[b] · W_dec[j]``; ``dW_dec = Aᵀ g_x_hat`` and ``dW_enc = xcᵀ G`` (A, G sparse) share one sort
-    of the kept entries by latent and are ``embedding_bag``s over batch rows; bias gradients are
-    scatter-adds. AuxK works on the dense sub-matrix of the n dead latents' columns (its decode and
-    gradients are four ``B x d_in x n`` matmuls: cheap while few latents are dead, and never worse than
-    the sparse route by much, since k_aux = d_in/2 entries per row is more than most k).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, W_dec: Tensor, k: Tensor,
-                k_max: int, dead_idx: Tensor | None, k_aux: int, matmul_dtype: torch.dtype | None
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        with torch.autocast(x.device.type, enabled=False):  # only the encoder matmul uses matmul_dtype
-            return _SparseSAE._forward(ctx, x, W_enc, b_enc, b_dec, W_dec, k, k_max, dead_idx, k_aux, matmul_dtype)
-
-    @staticmethod
-    def _forward(ctx: Any, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, W_dec: Tensor, k: Tensor,
-                 k_max: int, dead_idx: Tensor | None, k_aux: int, matmul_dtype: torch.dtype | None
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        xc = x - b_dec  # [B, d_in]
-        pre, acts, idx, inv = _encode_topk(xc, W_enc, b_enc, k, k_max, matmul_dtype=matmul_dtype)
-        keep = (torch.arange(k_max, device=x.device) < k[:, None]) & (acts > 0)  # [B, k_max]
-        lat, row, val, counts = _entries(acts, idx, keep)  # [nnz] each, counts [B]
-        offsets = counts.cumsum(0) - counts
-        x_hat = F.embedding_bag(lat, W_dec, offsets, mode="sum", per_sample_weights=val) + b_dec  # [B, d_in]
-        if dead_idx is not None and dead_idx.numel() > 0 and k_aux > 0:
-            pre_dead = pre.index_select(1, dead_idx)  # [B, n_dead]
-            pre_dead = pre_dead if inv is None else pre_dead[inv]  # back to the batch's row order
-            aux, pos = pre_dead.topk(min(k_aux, dead_idx.numel()), dim=1, sorted=False)
-            A = torch.zeros_like(pre_dead).scatter_(1, pos, aux.relu_())  # [B, n_dead] top-k_aux, ReLU'd
-            aux_hat = A @ W_dec.index_select(0, dead_idx)  # [B, d_in]
-        else:
-            dead_idx, A, aux_hat = lat[:0], x.new_zeros(len(x), 0), torch.zeros_like(x)
-        del pre
-        ctx.save_for_backward(xc, W_enc, W_dec, keep, lat, row, val, offsets, dead_idx, A)
-        ctx.mark_non_differentiable(idx, keep)
-        return acts * keep, idx, keep, x_hat, aux_hat
-
-    @staticmethod
-    def backward(ctx: Any, g_top: Tensor, _gi: Any, _gk: Any, g_xhat: Tensor, g_aux: Tensor):  # type: ignore[override]
-        xc, W_enc, W_dec, keep, lat, row, val, offsets, dead_idx, A = ctx.saved_tensors
-        need_x, need_we, need_be, need_bd, need_wd = ctx.needs_input_grad[:5]
-        d_sae, aux = W_enc.shape[1], A.shape[1] > 0
-        # dL/d(value) of every kept entry: direct (L1 term) + through the decoder
-        g_val = g_top[keep] + _gather_dot(g_xhat, W_dec, lat, offsets, row)  # [nnz]
-        g_b_enc = torch.zeros(d_sae, dtype=xc.dtype, device=xc.device).index_add_(0, lat, g_val)  # [d_sae]
-        if aux:
-            gA = (g_aux @ W_dec.index_select(0, dead_idx).T).mul_(A > 0)  # [B, n_dead] dL/dpre of AuxK entries
-            g_b_enc.index_add_(0, dead_idx, gA.sum(0))
-        g_x = g_We = g_Wd = None
-        if need_we or need_wd:  # one sort of the kept entries by latent serves both weight gradients
-            order = torch.sort(lat.int() if d_sae < 2**31 else lat, stable=True).indices
-            counts = torch.bincount(lat, minlength=d_sae)
-            by_lat = counts.cumsum(0) - counts  # [d_sae] start of each latent's group
-            row_sorted = row[order]
-            if need_wd:  # dW_dec[j] = Σ_b a[b, j] g_xhat[b]
-                g_Wd = F.embedding_bag(row_sorted, g_xhat, by_lat, mode="sum", per_sample_weights=val[order])
-                if aux:
-                    g_Wd.index_add_(0, dead_idx, A.T @ g_aux)
-            if need_we:  # dW_encᵀ[j] = Σ_b g_pre[b, j] xc[b], built as [d_sae, d_in]
-                g_We = F.embedding_bag(row_sorted, xc, by_lat, mode="sum", per_sample_weights=g_val[order])
-                if aux:
-                    g_We.index_add_(0, dead_idx, gA.T @ xc)
-                g_We = g_We.T
-        if need_x:
-            g_x = F.embedding_bag(lat, W_enc.T.contiguous(), offsets, mode="sum", per_sample_weights=g_val)
-            if aux:
-                g_x += gA @ W_enc.index_select(1, dead_idx).T
-        g_b_dec = None
-        if need_bd:
-            g_b_dec = g_xhat.sum(0) - (W_enc @ g_b_enc if g_x is None else g_x.sum(0))
-        return g_x, g_We, g_b_enc if need_be else None, g_b_dec, g_Wd, None, None, None, None, None
-
-
-TOPK_BUCKETS: dict[str, int] = {"cpu": 8}
-"""Row groups for variable-k top-k per device type (default 1). On CPU ``topk`` costs about linearly in k,
-so 8 groups cut it to about mean(k)/max(k) (measured: ``benchmarks/sae.py``); on GPUs ``topk`` is a
-radix select whose cost hardly depends on k, so one call at the largest k is kept there (not measured)."""
-
-
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    """torch.autocast's dtype where it is on for ``device_type``, else None."""
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-
-
-def _addmm(b: Tensor, x: Tensor, W: Tensor, matmul_dtype: torch.dtype | None = None) -> Tensor:
-    """``b + x @ W`` in ``x``'s dtype, the product computed in ``matmul_dtype``.
-
-    ``matmul_dtype`` defaults to torch.autocast's dtype when autocast is on for ``x``'s device. Only this,
-    the encoder's one dense ``B x d_in x d_sae`` matmul, runs in low precision under autocast: it is where
-    bf16 saves time, while top-k, the sparse decode and every gradient stay in ``x``'s dtype.
-    """
-    dev = x.device.type
-    matmul_dtype = matmul_dtype or _autocast_dtype(dev)
-    with torch.autocast(dev, enabled=False):
-        if matmul_dtype is None or matmul_dtype == x.dtype:
-            return torch.addmm(b, x, W)
-        return torch.addmm(b.to(matmul_dtype), x.to(matmul_dtype), W.to(matmul_dtype)).to(x.dtype)
-
-
-def _encode_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: Tensor, k_max: int, buckets: int | None = None,
-                 matmul_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Pre-activations and each row's top-k_i: ``(pre, acts [B, k_max], idx [B, k_max], inv)``.
-
-    ``acts`` are ReLU'd and descending; columns ``>= k_i`` are to be masked (they hold further values or
-    zero padding). The cost of ``topk`` grows with k, so rows are sorted by k and cut into ``buckets``
-    groups of equal size, each topk'd at its own largest k (a loop over a few groups, not over rows):
-    about mean(k) instead of max(k). Then ``pre``'s rows are in that sorted order and ``pre[inv]`` is in
-    the batch's order (``inv`` is None when all rows share one k).
-    """
-    B = len(xc)
-    buckets = TOPK_BUCKETS.get(xc.device.type, 1) if buckets is None else buckets
-    if buckets < 2 or B < 2 * buckets or int(k.min()) == k_max:
-        pre = _addmm(b_enc, xc, W_enc, matmul_dtype)  # [B, d_sae]; ReLU after the top-k: same codes, one pass less
-        acts, idx = pre.topk(k_max, dim=1, sorted=True)  # [B, k_max]
-        return pre, acts.relu_(), idx, None
-    order = torch.argsort(k, stable=True)
-    pre = _addmm(b_enc, xc[order], W_enc, matmul_dtype)  # [B, d_sae], rows by increasing k
-    acts = pre.new_zeros(B, k_max)
-    idx = torch.zeros(B, k_max, dtype=torch.int64, device=xc.device)
-    ends = [len(r) for r in torch.arange(B).tensor_split(buckets)]
-    ends = torch.tensor(ends).cumsum(0).tolist()
-    for start, end, kk in zip([0] + ends[:-1], ends, k[order][torch.tensor(ends) - 1].tolist(), strict=True):
-        acts[start:end, :kk], idx[start:end, :kk] = pre[start:end].topk(kk, dim=1, sorted=True)
-    inv = torch.empty_like(order)
-    inv[order] = torch.arange(B, device=order.device)
-    return pre, acts[inv].relu_(), idx[inv], inv
-
-
-def _entries(acts: Tensor, idx: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Row-major list of the kept entries of [B, k]: latent, batch row, value [nnz], and counts per row [B]."""
-    sel = keep.flatten().nonzero().squeeze(1)  # [nnz] positions in the flattened [B, k]
-    return idx.flatten()[sel], sel // keep.shape[1], acts.flatten()[sel], keep.sum(1)
-
-
-def _gather_dot(g: Tensor, W: Tensor, lat: Tensor, offsets: Tensor, row: Tensor) -> Tensor:
-    """``(g[row] * W[lat]).sum(1)`` [nnz] without materialising the gathered rows."""
-    if lat.numel() == 0:
-        return g.new_zeros(0)
-    try:  # the kernel behind embedding_bag's per_sample_weights gradient
-        return torch.ops.aten._embedding_bag_per_sample_weights_backward(g, W, lat, offsets, row, 0, -1)
-    except (AttributeError, RuntimeError):  # pragma: no cover - chunked fallback
-        return torch.cat([(g[r] * W[j]).sum(1) for r, j in zip(row.split(2**16), lat.split(2**16), strict=True)])
-
-
-def _bag(idx: Tensor, keep: Tensor, weight: Tensor, values: Tensor) -> Tensor:
-    """``sum_j values[b, j] * weight[idx[b, j]]`` over the kept entries of each row: [B, k] -> [B, d]."""
-    counts = keep.sum(1)
-    offsets = counts.cumsum(0) - counts
-    return F.embedding_bag(idx[keep], weight, offsets, mode="sum", per_sample_weights=values[keep])
-
-
-@torch.no_grad()
-def geometric_median(points: Tensor, *, max_iter: int = 100, tol: float = 1e-5) -> Tensor:
-    """Geometric median of the rows of ``points`` [n, d] -> [d] (Weiszfeld's algorithm, vectorised)."""
-    guess = points.mean(0)
-    for _ in range(max_iter):
-        w = 1 / (points - guess).norm(dim=1).clamp_min(1e-12)  # [n]
-        new = (w[:, None] * points).sum(0) / w.sum()
-        if (new - guess).norm() < tol * (1 + guess.norm()):
-            return new
-        guess = new
-    return guess
-
-
-# ----------------------------------------------------------------------------- checks
-def _check_k_int(k: Any, name: str, d_sae: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"{name} must be an int, got {k!r}")
-    if k < 1:
-        raise ValueError(f"{name} must be >= 1 (every row needs at least one active latent), got {k}")
-    if k > d_sae:
-        raise ValueError(f"{name} ({k}) > d_sae ({d_sae}): a row cannot keep more latents than the dictionary "
-                         f"has; lower {name} or enlarge the dictionary")
-    return k
-
-
 # ----------------------------------------------------------------------------- the shared model
 class SparseAutoencoder(nn.Module):
-    """Shared implementation of :class:`TopKSAE` and :class:`AdaptiveKSAE` (not used directly)."""
+    """The family's shared implementation. ``class Sub(SparseAutoencoder, config=SubConfig)`` registers a
+    variant under ``SubConfig.architecture``; build it as ``Sub(cfg)`` or with :meth:`from_config`.
+    ``self.training`` matters only where a rule learns (BatchTopK's threshold): ``train_sae`` calls ``train()``."""
 
-    k_max: int
-    _registry: dict[str, type[SparseAutoencoder]] = {}
+    config_class: ClassVar[type[SAEConfig]] = SAEConfig
 
-    def __init_subclass__(cls, **kw: Any) -> None:  # load_sae finds every subclass by its name
+    def __init_subclass__(cls, config: type[SAEConfig] | None = None, **kw: Any) -> None:
         super().__init_subclass__(**kw)
-        SparseAutoencoder._registry[cls.__name__] = cls
+        if config is not None:
+            cls.config_class = config
+            sae_config.register(config.architecture, cls)
 
-    def __init__(self, d_in: int, d_sae: int, *, seed: int | None = None, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device | None = None) -> None:
+    def __init__(self, cfg: SAEConfig | None = None, *, seed: int | None = None,
+                 device: str | torch.device | None = None, **fields: Any) -> None:
+        """Build from ``cfg``, or from its fields as keywords (as :meth:`from_config` and ``load_sae`` do)."""
         super().__init__()
-        for name, v in (("d_in", d_in), ("d_sae", d_sae)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        self.d_in, self.d_sae = d_in, d_sae
+        cfg = self.config_class(**fields) if cfg is None else cfg
+        if type(cfg) is not self.config_class:
+            raise TypeError(f"{type(self).__name__} is built from a {self.config_class.__name__}, got {cfg!r}")
+        self.cfg = cfg
+        dtype = getattr(torch, cfg.dtype)
         g = torch.Generator().manual_seed(seed) if seed is not None else None
-        W_dec = torch.randn(d_sae, d_in, generator=g, dtype=torch.float32)
+        W_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=g, dtype=torch.float32)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec.to(device=device, dtype=dtype))  # [d_sae, d_in], unit rows
         self.W_enc = nn.Parameter(self.W_dec.detach().T.clone())  # [d_in, d_sae] = W_decᵀ
-        self.b_enc = nn.Parameter(torch.zeros(d_sae, device=device, dtype=dtype))
-        self.b_dec = nn.Parameter(torch.zeros(d_in, device=device, dtype=dtype))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, device=device, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, device=device, dtype=dtype))
 
-    # -------------------------------------------------------------- per-class hooks
-    def _default_k(self, x: Tensor) -> Tensor:  # [B] int64
-        raise NotImplementedError
+    @staticmethod
+    def from_config(cfg: SAEConfig, *, seed: int | None = None, device: Any = None) -> SparseAutoencoder:
+        """A new SAE of the class registered for ``cfg.architecture``."""
+        return sae_config.registered(cfg.architecture)(**asdict(cfg), seed=seed, device=device)
 
-    def config(self) -> dict[str, Any]:
-        """The constructor arguments, as written to ``cfg.json``."""
-        return {"d_in": self.d_in, "d_sae": self.d_sae}
+    def __getattr__(self, name: str) -> Any:  # the config's fields read as attributes: sae.d_in, sae.k, ...
+        cfg = self.__dict__.get("cfg")
+        return getattr(cfg, name) if name in getattr(cfg, "__dataclass_fields__", ()) else super().__getattr__(name)
 
-    # -------------------------------------------------------------- checks
+    device = property(lambda self: self.W_enc.device, doc="Device of the parameters.")
+    dtype = property(lambda self: self.W_enc.dtype, doc="dtype of the parameters.")
+
+    def _default_k(self, x: Tensor) -> Tensor:  # [B] int64: the variant's rule for k
+        raise NotImplementedError(f"{type(self).__name__} has no rule for k; pass k explicitly")
+
     def _check_x(self, x: Any) -> Tensor:
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor [batch, {self.d_in}], got {type(x).__name__}")
         if x.ndim != 2 or x.shape[1] != self.d_in:
             raise ValueError(f"x must have shape [batch, d_in={self.d_in}], got {tuple(x.shape)}"
                              + ("; flatten leading dims with x.reshape(-1, d_in)" if x.ndim > 2 else ""))
-        bad = ~torch.isfinite(x).all(1)
-        if bad.any():
-            rows = bad.nonzero().flatten()
-            raise ValueError(f"x contains NaN or inf in {len(rows)} row(s) (first: {rows[:5].tolist()}); "
-                             f"drop those rows before encoding")
-        return x.to(self.W_enc.dtype)
+        return finite_rows(x, "x", "drop those rows before encoding").to(self.dtype)
 
     def _resolve_k(self, x: Tensor, k: int | Tensor | None) -> Tensor:
         """Per-row k as an int64 tensor [B] on x's device."""
         if k is None:
             k = self._default_k(x)
         elif isinstance(k, Tensor):
-            if k.ndim == 0:
-                k = k.expand(len(x))
+            k = k.expand(len(x)) if k.ndim == 0 else k
             if k.shape != (len(x),) or k.is_floating_point() or k.dtype == torch.bool or k.is_complex():
                 raise ValueError(f"k must be an int or an integer tensor of shape [batch={len(x)}], got "
                                  f"{k.dtype} {tuple(k.shape)}")
@@ -317,61 +147,36 @@ class SparseAutoencoder(nn.Module):
             if lo < 1 or hi > self.d_sae:
                 raise ValueError(f"k must lie in [1, d_sae={self.d_sae}], got values in [{lo}, {hi}]")
         else:
-            k = torch.full((len(x),), _check_k_int(k, "k", self.d_sae))
+            k = torch.full((len(x),), check_k(k, "k", self.d_sae))
         return k.to(device=x.device, dtype=torch.int64)
 
-    def _dead_idx(self, dead_mask: Tensor | None, device: torch.device) -> Tensor | None:
+    def _dead_idx(self, dead_mask: Tensor | None, k_aux: int) -> Tensor | None:
+        """Indices of the dead latents, or None when AuxK is off (no mask, no dead latent, or k_aux = 0)."""
         if dead_mask is None:
             return None
         if dead_mask.shape != (self.d_sae,) or dead_mask.dtype != torch.bool:
             raise ValueError(f"dead_mask must be a bool tensor [d_sae={self.d_sae}], got "
                              f"{dead_mask.dtype} {tuple(dead_mask.shape)}")
-        return dead_mask.to(device).nonzero().flatten()
+        idx = dead_mask.to(self.device).nonzero().flatten()
+        return idx if idx.numel() > 0 and k_aux > 0 else None
 
     # -------------------------------------------------------------- encode / decode
-    def select(self, x: Tensor, k: int | Tensor | None = None, *, dead_mask: Tensor | None = None,
-               k_aux: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Sparse encoding: ``(top_acts, top_indices, keep, k, aux_acts, aux_indices)``.
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """Pre-activations ``(x - b_dec) @ W_enc + b_enc`` [B, d_sae] (under autocast: its matmul dtype)."""
+        x = self._check_x(x)
+        return _addmm(self.b_enc, x - self.b_dec, self.W_enc)
 
-        ``top_acts [B, k_max]`` are the post-ReLU activations at the ``k_max`` largest pre-activations in
-        descending order, *not yet masked*; ``keep [B, k_max]`` marks ranks ``< k_i`` with a positive
-        value. With ``dead_mask [d_sae]`` the ``k_aux`` (default ``d_in // 2``) largest activations among
-        the dead latents come back too (AuxK). Differentiable through plain autograd (a dense backward):
-        ``forward`` uses the fused sparse path instead, except for the straight-through extension.
-        """
-        return self._select(self._check_x(x), k, dead_mask, k_aux)
-
-    def _select(self, x: Tensor, k: int | Tensor | None, dead_mask: Tensor | None, k_aux: int | None
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        k = self._resolve_k(x, k)
-        k_max, dead_idx = int(k.max()), self._dead_idx(dead_mask, x.device)
-        k_aux = self.d_in // 2 if k_aux is None else k_aux
-        pre = _addmm(self.b_enc, x - self.b_dec, self.W_enc)  # [B, d_sae] (encoder matmul as under autocast)
-        acts, idx = pre.topk(k_max, dim=1, sorted=True)  # [B, k_max]: plain autograd (dense backward)
-        acts = acts.relu()
-        keep = (torch.arange(k_max, device=x.device) < k[:, None]) & (acts > 0)  # [B, k_max]
-        if dead_idx is not None and dead_idx.numel() > 0 and k_aux > 0:
-            aux, pos = pre.index_select(1, dead_idx).topk(min(k_aux, dead_idx.numel()), dim=1, sorted=False)
-            aux, aux_idx = aux.relu(), dead_idx[pos]  # [B, k_aux] activations, latent indices
-        else:
-            aux, aux_idx = acts.new_zeros(len(x), 0), idx.new_zeros(len(x), 0)
-        return acts, idx, keep, k, aux, aux_idx
-
-    def encode(self, x: Tensor, k: int | Tensor | None = None) -> Tensor:
-        """Dense codes [B, d_sae]: row i keeps its k_i largest positive pre-activations.
-
-        ``k``: None (the model's own: fixed for TopK, from the probe for AdaptiveK), an int, or an
-        integer tensor [B].
-        """
-        if torch.is_grad_enabled() and self.W_enc.requires_grad:  # differentiable path
-            acts, idx, keep, *_ = self.select(x, k)
-            return acts.new_zeros(len(acts), self.d_sae).scatter(1, idx, acts * keep)
+    def encode_sparse(self, x: Tensor, k: int | Tensor | None = None) -> SparseCode:
+        """``variable_topk(self.pre_acts(x), k)``, faster (bucketed); ``k``: None (the variant's own), an int or
+        an integer tensor [B]. Differentiable by plain autograd (``forward`` trains through a fused path)."""
         x = self._check_x(x)
         k = self._resolve_k(x, k)
-        k_max = int(k.max())
-        _, acts, idx, _ = _encode_topk(x - self.b_dec, self.W_enc, self.b_enc, k, k_max)
-        keep = (torch.arange(k_max, device=x.device) < k[:, None]) & (acts > 0)  # [B, k_max]
-        return acts.new_zeros(len(acts), self.d_sae).scatter_add_(1, idx, acts * keep)  # padding may repeat
+        _, acts, idx, keep, _ = _encode_topk(x - self.b_dec, self.W_enc, self.b_enc, k)
+        return SparseCode(acts * keep, idx, keep, k)
+
+    def encode(self, x: Tensor, k: int | Tensor | None = None) -> Tensor:
+        """Dense codes [B, d_sae] of :meth:`encode_sparse`."""
+        return self.encode_sparse(x, k).to_dense(self.d_sae)
 
     def decode(self, codes: Tensor) -> Tensor:
         """Reconstruction [B, d_in] from dense codes [B, d_sae]."""
@@ -379,61 +184,75 @@ class SparseAutoencoder(nn.Module):
             raise ValueError(f"codes must have shape [batch, d_sae={self.d_sae}], got {tuple(codes.shape)}")
         return codes @ self.W_dec + self.b_dec
 
-    def decode_sparse(self, top_acts: Tensor, top_indices: Tensor, keep: Tensor | None = None) -> Tensor:
-        """Reconstruction [B, d_in] from ``(top_acts, top_indices)`` [B, k] via ``embedding_bag``.
-
-        With ``keep [B, k]`` only the kept entries are summed (rows may differ in length); without it
-        every entry is (zeros included, which still pass gradients to their values).
-        """
-        if top_acts.shape != top_indices.shape or top_acts.ndim != 2:
-            raise ValueError(f"top_acts and top_indices must both be [B, k], got {tuple(top_acts.shape)} and "
-                             f"{tuple(top_indices.shape)}")
+    def decode_sparse(self, code: SparseCode | Tensor, top_indices: Tensor | None = None,
+                      keep: Tensor | None = None) -> Tensor:
+        """Reconstruction [B, d_in] of a :class:`SparseCode`'s kept entries via ``embedding_bag``; also
+        ``(top_acts, top_indices, keep=None)`` [B, k], where no ``keep`` sums every entry (gradients reach zeros)."""
+        if isinstance(code, SparseCode):
+            code, top_indices, keep = code.top_acts, code.top_indices, code.mask
+        if top_indices is None or code.shape != top_indices.shape or code.ndim != 2:
+            raise ValueError(f"top_acts and top_indices must both be [B, k], got {tuple(code.shape)} and "
+                             f"{None if top_indices is None else tuple(top_indices.shape)}")
         if keep is None:
-            out = F.embedding_bag(top_indices, self.W_dec, mode="sum", per_sample_weights=top_acts)
-        else:
-            out = _bag(top_indices, keep, self.W_dec, top_acts)
-        return out + self.b_dec
+            return F.embedding_bag(top_indices, self.W_dec, mode="sum", per_sample_weights=code) + self.b_dec
+        return _bag(top_indices, keep, self.W_dec, code) + self.b_dec
 
+    # -------------------------------------------------------------- training forward and loss
     def forward(self, x: Tensor, k: int | Tensor | None = None, *, dead_mask: Tensor | None = None,
                 k_aux: int | None = None, k_soft: Tensor | None = None, k_temperature: float = 1.0
                 ) -> ForwardOutput:
-        """Encode, decode and the training losses (see :class:`ForwardOutput`).
+        """Encode ``x [B, d_in]`` with per-row ``k`` (None: the variant's own), decode, and the losses.
 
-        Args:
-            x: [B, d_in] inputs.
-            k: per-row k (None: the model's own).
-            dead_mask: [d_sae] bool, latents counted as dead; enables the AuxK loss.
-            k_aux: number of dead latents used by AuxK (default ``d_in // 2``).
-            k_soft: [B] float k that carries a gradient (extension, off by default): the rank mask gets a
-                straight-through estimator whose backward is that of ``sigmoid((k_soft - rank - 0.5) / T)``
-                (T = ``k_temperature``) while the forward stays the hard mask.
+        ``dead_mask [d_sae]`` (bool) enables AuxK over the dead latents, ``k_aux`` of them per row (default
+        ``d_in // 2``). ``k_soft [B]`` (extension, off by default): a float k that carries a gradient; the
+        rank mask gets the backward of ``sigmoid((k_soft - rank - 0.5) / k_temperature)``, its forward stays hard.
         """
         x = self._check_x(x)
-        if k_soft is None:  # the fast path: one fused function with a sparse backward
+        k_aux = self.d_in // 2 if k_aux is None else k_aux
+        dead_idx = self._dead_idx(dead_mask, k_aux)
+        if k_soft is not None:
+            top, idx, k, x_hat, aux_hat = self._soft_forward(x, k, dead_idx, k_aux, k_soft, k_temperature)
+        elif type(self).encode_sparse is SparseAutoencoder.encode_sparse:  # top-k: the fused sparse path
             k = self._resolve_k(x, k)
-            dead_idx = self._dead_idx(dead_mask, x.device)
-            k_aux = self.d_in // 2 if k_aux is None else k_aux
-            top, idx, keep, x_hat, aux_hat = _SparseSAE.apply(x, self.W_enc, self.b_enc, self.b_dec, self.W_dec, k,
-                                                              int(k.max()), dead_idx, k_aux,
-                                                              _autocast_dtype(x.device.type))
-            has_aux = dead_idx is not None and dead_idx.numel() > 0 and k_aux > 0
-        else:
-            acts, idx, keep, k, aux, aux_idx = self._select(x, k, dead_mask, k_aux)
-            ranks = torch.arange(acts.shape[1], device=x.device, dtype=acts.dtype)
-            soft = torch.sigmoid((k_soft.to(acts.dtype)[:, None] - ranks - 0.5) / k_temperature)  # [B, k_max]
-            top = acts * (keep + soft - soft.detach())  # value: acts * keep; gradient reaches k_soft
-            x_hat = self.decode_sparse(top, idx)  # every rank, so dropped ranks get a gradient too
-            has_aux = aux.shape[1] > 0
-            if has_aux:
-                aux_hat = F.embedding_bag(aux_idx, self.W_dec, mode="sum", per_sample_weights=aux)  # [B, d_in]
+            top, idx, _, x_hat, aux_hat = fused_forward(x, self.W_enc, self.b_enc, self.b_dec, self.W_dec, k,
+                                                        dead_idx, k_aux)
+        else:  # a variant's own encoder: plain autograd
+            top, idx, _, k = code = self.encode_sparse(x, k)
+            x_hat = self.decode_sparse(code)
+            aux_hat = None if dead_idx is None else self._aux_hat(self.pre_acts(x), dead_idx, k_aux)
+        return self._losses(x, x_hat, top, idx, k, aux_hat if dead_idx is not None else None)
+
+    def _soft_forward(self, x: Tensor, k: Any, dead_idx: Tensor | None, k_aux: int, k_soft: Tensor,
+                      temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+        """The straight-through rank mask: every rank up to k_max is decoded, so dropped ranks get a gradient."""
+        k, pre = self._resolve_k(x, k), self.pre_acts(x)
+        full = variable_topk(pre, torch.full_like(k, int(k.max())))  # every rank up to k_max, unmasked
+        ranks = torch.arange(full.top_acts.shape[1], device=x.device, dtype=pre.dtype)
+        soft = torch.sigmoid((k_soft.to(pre.dtype)[:, None] - ranks - 0.5) / temperature)  # [B, k_max]
+        top = full.top_acts * ((ranks < k[:, None]) + soft - soft.detach())  # value: the hard mask
+        aux_hat = None if dead_idx is None else self._aux_hat(pre, dead_idx, k_aux)
+        return top, full.top_indices, k, self.decode_sparse(top, full.top_indices), aux_hat
+
+    def _aux_hat(self, pre: Tensor, dead_idx: Tensor, k_aux: int) -> Tensor:
+        """AuxK's reconstruction [B, d_in] from the ``k_aux`` largest ReLU'd pre-activations of dead latents."""
+        aux, pos = pre.index_select(1, dead_idx).topk(min(k_aux, dead_idx.numel()), dim=1, sorted=False)
+        return F.embedding_bag(dead_idx[pos], self.W_dec, mode="sum", per_sample_weights=aux.relu())
+
+    def _losses(self, x: Tensor, x_hat: Tensor, top: Tensor, idx: Tensor, k: Tensor,
+                aux_hat: Tensor | None) -> ForwardOutput:
         err = (x - x_hat).pow(2)  # [B, d_in]
-        fvu = err.sum() / (x - x.mean(0)).pow(2).sum().clamp_min(torch.finfo(x.dtype).tiny)
-        l1 = top.sum(1).mean() / x.norm(dim=1).mean().clamp_min(torch.finfo(x.dtype).tiny)
+        tiny = torch.finfo(x.dtype).tiny
+        fvu = err.sum() / (x - x.mean(0)).pow(2).sum().clamp_min(tiny)
+        l1 = top.sum(1).mean() / x.norm(dim=1).mean().clamp_min(tiny)
         auxk = x.new_zeros(())
-        if has_aux:
+        if aux_hat is not None:
             e = (x - x_hat).detach()  # residual the dead latents should explain
             auxk = ((aux_hat - e).pow(2).sum(1).mean() / (e - e.mean(0)).pow(2).sum(1).mean()).nan_to_num(0.0)
         return ForwardOutput(x_hat, top, idx, k, fvu, err.mean(), l1, auxk, self.d_sae)
+
+    def loss(self, out: ForwardOutput, cfg: TrainConfig) -> Tensor:
+        """The variant's training objective of one batch: MSE + l1_weight · L1 + auxk_alpha · AuxK."""
+        return out.mse + cfg.l1_weight * out.l1 + cfg.auxk_alpha * out.auxk_loss
 
     # -------------------------------------------------------------- decoder constraint, init
     @torch.no_grad()
@@ -462,71 +281,54 @@ class SparseAutoencoder(nn.Module):
             raise ValueError(f"method must be 'geometric_median', 'mean' or 'none', got {method!r}")
 
     # -------------------------------------------------------------- save / load
-    def _extra_tensors(self) -> dict[str, Tensor]:
+    def _extra_tensors(self) -> dict[str, Tensor]:  # saved beside the state dict (AdaptiveK: its probe)
         return {}
 
+    def _load_extra(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:  # takes those back, returns the rest
+        return tensors
+
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``path/sae.safetensors`` and then ``path/cfg.json`` (atomically); returns ``path``."""
-        path = Path(path)
+        """Write ``path/adaptivek_sae.safetensors`` and then ``path/adaptivek_cfg.json`` (atomically)."""
         tensors = {k: v.detach() for k, v in self.state_dict().items()} | self._extra_tensors()
-        save_tensors(path / "sae.safetensors", tensors)
-        write_json(path / "cfg.json", {"format_version": FORMAT_VERSION, "class": type(self).__name__,
-                                       "dtype": str(self.W_enc.dtype).removeprefix("torch."), **self.config()})
-        return path
+        sae_config.write_saved(Path(path), self.cfg, tensors, self.dtype)
+        return Path(path)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.config().items())
+        return ", ".join(f"{k}={v}" for k, v in asdict(self.cfg).items())
 
 
-class TopKSAE(SparseAutoencoder):
+class TopKSAE(SparseAutoencoder, config=TopKConfig):
     """TopK SAE: every row keeps its ``k`` largest positive pre-activations."""
 
     def __init__(self, d_in: int, d_sae: int, k: int, *, seed: int | None = None,
                  dtype: torch.dtype = torch.float32, device: str | torch.device | None = None) -> None:
-        super().__init__(d_in, d_sae, seed=seed, dtype=dtype, device=device)
-        self.k = self.k_max = _check_k_int(k, "k", d_sae)
+        super().__init__(TopKConfig(d_in, d_sae, k, dtype=dtype_name(dtype)), seed=seed, device=device)
+
+    k_max = property(lambda self: self.cfg.k, doc="Largest k: k itself.")
 
     def _default_k(self, x: Tensor) -> Tensor:
         return torch.full((len(x),), self.k, device=x.device, dtype=torch.int64)
 
-    def config(self) -> dict[str, Any]:
-        return super().config() | {"k": self.k}
-
     def export_saelens(self, path: str | os.PathLike, *, model_name: str | None = None,
                        hook_name: str | None = None) -> Path:
         """Write the SAELens layout (``cfg.json`` + ``sae_weights.safetensors``, architecture "topk")."""
-        path = Path(path)
-        save_tensors(path / "sae_weights.safetensors", {k: v.detach() for k, v in self.state_dict().items()})
-        write_json(path / "cfg.json", {
-            "architecture": "topk", "d_in": self.d_in, "d_sae": self.d_sae, "k": self.k,
-            "dtype": str(self.W_enc.dtype).removeprefix("torch."), "device": "cpu", "apply_b_dec_to_input": True,
-            "normalize_activations": "none", "reshape_activations": "none", "rescale_acts_by_decoder_norm": False,
-            "metadata": {"model_name": model_name, "hook_name": hook_name, "exported_by": "adaptivek"}})
-        return path
+        tensors = {k: v.detach() for k, v in self.state_dict().items()}
+        sae_config.write_saelens(Path(path), self.cfg, tensors, self.dtype, model_name, hook_name)
+        return Path(path)
 
 
-class AdaptiveKSAE(SparseAutoencoder):
-    """AdaptiveK SAE: row i keeps ``k_i = complexity_to_k(probe.predict(x_i))`` latents.
+class AdaptiveKSAE(SparseAutoencoder, config=AdaptiveKConfig):
+    """AdaptiveK SAE: row i keeps ``k_i = complexity_to_k(probe.predict(x_i))`` latents (k in [34, 306] by default).
 
-    ``probe`` is a fitted :class:`~adaptivek.probe.RidgeProbe` on the same features (or None / an
-    unfitted probe, which ``train_sae`` fits in phase 1). The map is the paper's
-    ``k = round(k_min + sigmoid(steepness * ((c - c_min)/(c_max - c_min) - 0.5)) * (k_max - k_min))``;
-    with the defaults it reaches k in [34, 306].
-    """
+    ``probe``: a :class:`~adaptivek.probe.RidgeProbe` fitted on the same features, saved with the weights
+    (or None / unfitted: ``train_sae`` fits it in phase 1)."""
 
     def __init__(self, d_in: int, d_sae: int, probe: Any = None, *, k_min: int = 20, k_max: int = 320,
                  steepness: float = 6.0, c_min: float = 0.0, c_max: float = 10.0, seed: int | None = None,
                  dtype: torch.dtype = torch.float32, device: str | torch.device | None = None) -> None:
-        super().__init__(d_in, d_sae, seed=seed, dtype=dtype, device=device)
-        self.k_min = _check_k_int(k_min, "k_min", d_sae)
-        self.k_max = _check_k_int(k_max, "k_max", d_sae)
-        if k_min > k_max:
-            raise ValueError(f"k_min ({k_min}) > k_max ({k_max}); swap them or raise k_max")
-        if not (math.isfinite(steepness) and steepness > 0):
-            raise ValueError(f"steepness must be finite and > 0, got {steepness}")
-        if not (math.isfinite(c_min) and math.isfinite(c_max) and c_max > c_min):
-            raise ValueError(f"need finite c_min < c_max, got c_min={c_min}, c_max={c_max}")
-        self.steepness, self.c_min, self.c_max = float(steepness), float(c_min), float(c_max)
+        cfg = AdaptiveKConfig(d_in, d_sae, k_min=k_min, k_max=k_max, steepness=float(steepness),
+                              c_min=float(c_min), c_max=float(c_max), dtype=dtype_name(dtype))
+        super().__init__(cfg, seed=seed, device=device)
         self.probe = probe
         if probe is not None and getattr(probe, "is_fitted", False) and probe.d != d_in:
             raise ValueError(f"the probe reads {probe.d} features but the SAE has d_in={d_in}; fit the probe "
@@ -555,48 +357,92 @@ class AdaptiveKSAE(SparseAutoencoder):
                                "give k explicitly")
         return self.k_from_complexity(self.probe.predict(x)).to(x.device)
 
-    def config(self) -> dict[str, Any]:
-        return super().config() | {"k_min": self.k_min, "k_max": self.k_max, "steepness": self.steepness,
-                                   "c_min": self.c_min, "c_max": self.c_max, "has_probe": self.has_probe}
-
     def _extra_tensors(self) -> dict[str, Tensor]:
         return self.probe.to_tensors(prefix="probe.") if self.has_probe else {}
+
+    def _load_extra(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        from .probe import RidgeProbe
+
+        has = any(k.startswith("probe.") for k in tensors)
+        self.probe = RidgeProbe.from_tensors(tensors, prefix="probe.") if has else None
+        return {k: v for k, v in tensors.items() if not k.startswith("probe.")}
 
     def export_saelens(self, path: str | os.PathLike, **_: Any) -> Path:
         raise NotImplementedError("SAELens has no architecture with a per-input k; save an AdaptiveKSAE with "
                                   ".save(path) and load it with adaptivek.load_sae(path)")
 
 
-def load_sae(path: str | os.PathLike, *, device: str | torch.device | None = None) -> SparseAutoencoder:
-    """Restore a :class:`TopKSAE` or :class:`AdaptiveKSAE` written by ``save(path)`` (probe included).
+class BatchTopKSAE(TopKSAE, config=BatchTopKConfig):
+    """BatchTopK (Bussmann et al. 2024): keep the ``k · B`` largest activations of the whole batch.
 
-    Subclasses are found by the class name in ``cfg.json`` (their module must have been imported) and
-    rebuilt from the ``cfg.json`` entries that are constructor arguments.
-    """
+    Row i keeps as many latents as it has among the batch's top ``k · B`` (mean k: ``k``); in training mode
+    ``threshold`` tracks a moving average (``threshold_beta``) of the smallest kept one. Once calibrated
+    (:meth:`freeze`), eval mode keeps what exceeds ``threshold`` whatever the batch (mean L0 about ``k``).
+    The paper averages from step 1,000 with β = 0.999; our short runs from step 1 with β = 0.99."""
+
+    def __init__(self, d_in: int, d_sae: int, k: int, *, threshold_beta: float = 0.99, seed: int | None = None,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device | None = None) -> None:
+        cfg = BatchTopKConfig(d_in, d_sae, k, threshold_beta=threshold_beta, dtype=dtype_name(dtype))
+        SparseAutoencoder.__init__(self, cfg, seed=seed, device=device)  # TopKSAE's builds a TopKConfig
+        self.register_buffer("threshold", torch.tensor(math.nan, dtype=self.dtype, device=device))
+        self.register_buffer("frozen", torch.tensor(False, device=device))  # calibrated: eval uses threshold
+        self.threshold_ema = math.nan
+
+    @torch.no_grad()
+    def freeze(self, X: Tensor | None = None, *, max_rows: int = 4096, seed: int = 0,
+               chunk: int = 512) -> BatchTopKSAE:
+        """Calibrate the threshold and switch to eval mode, where it decides which latents are active.
+
+        Without ``X``: the training-time moving average. With ``X`` (training vectors): the ``k · N``-th
+        largest activation of up to ``max_rows`` of them taken as one batch, so that the batch rule holds
+        there (``threshold_ema`` keeps the average, which in short runs still remembers the first steps).
+        """
+        if not torch.isfinite(self.threshold):
+            raise RuntimeError("this BatchTopKSAE has no threshold yet: train it (train_sae) before freezing")
+        self.threshold_ema = float(self.threshold)
+        if X is not None:
+            rows = X[torch.randperm(len(X), generator=torch.Generator().manual_seed(seed))[:max_rows]]
+            keep, top = self.k * len(rows), self.threshold.new_zeros(0)
+            for part in rows.split(chunk):  # running top-(k·N) over chunks: memory O(k·N + chunk·d_sae)
+                pre = self.pre_acts(part.to(self.device)).relu_().flatten()
+                top = torch.cat([top, pre]).topk(min(keep, len(top) + len(pre))).values
+            self.threshold.fill_(float(top[-1]))
+        self.frozen.fill_(True)
+        return self.eval()
+
+    @torch.no_grad()
+    def batch_k(self, x: Tensor) -> Tensor:
+        """The batch rule on ``x`` as one batch: how many of its top ``k · B`` activations each row holds [B] (may be 0)."""
+        return self._batch_rule(x.to(self.device))[0]
+
+    @torch.no_grad()
+    def _batch_rule(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        pre = self.pre_acts(x).relu_()  # [B, d_sae]
+        vals, flat = pre.flatten().topk(min(self.k * len(x), pre.numel()))  # [k·B] kept values
+        return torch.bincount(torch.div(flat, self.d_sae, rounding_mode="floor"), minlength=len(x)), vals
+
+    @torch.no_grad()
+    def _default_k(self, x: Tensor) -> Tensor:
+        if self.frozen and not self.training:
+            return (self.pre_acts(x) > self.threshold).sum(1)
+        k, vals = self._batch_rule(x)
+        if self.training and (vals > 0).any():  # learn the threshold: moving average of the smallest kept
+            low, t, beta = vals[vals > 0].min(), self.threshold, self.threshold_beta
+            t.copy_(low if not torch.isfinite(t) else beta * t + (1 - beta) * low)
+        return k
+
+
+def load_sae(path: str | os.PathLike, *, device: str | torch.device | None = None) -> SparseAutoencoder:
+    """Restore an SAE written by ``save(path)`` (probe included; format 1 too) as the class registered for
+    its architecture (whose module must have been imported), in eval mode."""
     from safetensors.torch import load_file
 
-    path = Path(path)
-    cfg_file, data = path / "cfg.json", path / "sae.safetensors"
-    if not (cfg_file.is_file() and data.is_file()):
-        raise FileNotFoundError(f"no saved SAE in {path}: expected cfg.json and sae.safetensors (written by "
-                                f"sae.save(path)); a SAELens export is read with sae_lens.SAE.load_from_disk")
-    cfg = json.loads(cfg_file.read_text())
-    if cfg.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{cfg_file} has format_version {cfg.get('format_version')!r}; this adaptivek reads "
-                         f"{FORMAT_VERSION}")
-    cls = SparseAutoencoder._registry.get(cfg.get("class"))
-    if cls is None:
-        raise ValueError(f"{cfg_file} describes a {cfg.get('class')!r}; known classes: "
-                         f"{sorted(SparseAutoencoder._registry)} (import the module that defines it first)")
-    tensors = load_file(str(data))
-    dtype = getattr(torch, cfg.get("dtype", "float32"))
-    params = inspect.signature(cls.__init__).parameters
-    kwargs = {k: v for k, v in cfg.items() if k in params and k not in ("self", "probe", "dtype", "device", "seed")}
-    if issubclass(cls, AdaptiveKSAE):
-        from .probe import RidgeProbe
+    saved, weights = sae_config.read_saved(Path(path))
+    cls = sae_config.registered(saved.get("architecture"), where=f"{path} holds an SAE of")
+    sae = cls(**{f.name: saved[f.name] for f in fields(cls.config_class) if f.name in saved})
+    sae.load_state_dict(sae._load_extra(load_file(str(weights))))
+    return (sae.to(device) if device is not None else sae).eval()
 
-        has = any(k.startswith("probe.") for k in tensors)
-        kwargs["probe"] = RidgeProbe.from_tensors(tensors, prefix="probe.") if has else None
-    sae = cls(**kwargs, dtype=dtype)
-    sae.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("probe.")})
-    return sae.to(device) if device is not None else sae
+
+__all__ = ["SparseAutoencoder", "TopKSAE", "AdaptiveKSAE", "BatchTopKSAE", "SparseCode", "ForwardOutput",
+           "variable_topk", "load_sae"]  # the configs: adaptivek.sae_config (importable from here too)

@@ -1,8 +1,10 @@
 """Statistics used across the library: correlations, ranks, regression metrics, bootstraps and folds.
 
 One home for every statistic, so that a number in the book means the same thing wherever it is
-computed. All functions work on torch tensors (anything array-like is converted to float64) and reduce
-along the last dimension, so a batch of bootstrap replicates ``[B, n]`` is one call.
+computed. The metrics work on torch tensors (anything array-like is converted to float64) and reduce
+along the last dimension, so a batch of bootstrap replicates ``[B, n]`` is one call. NaN propagates
+unless a function says otherwise (``spearman(..., nan_policy="omit")``, ``auroc``, ``ordered_share``
+drop missing values, as label validation needs).
 """
 
 from __future__ import annotations
@@ -15,21 +17,29 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .checks import finite_number, int_at_least, one_of, same_length
 
-def _as_metric_tensor(a: Any) -> torch.Tensor:
-    t = a.detach() if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a))
+
+def _as_metric_tensor(a: Any) -> Tensor:
+    """float64 tensor of ``a`` (detached; off MPS, which has no float64)."""
+    if isinstance(a, Tensor):
+        t = a.detach()
+    else:
+        arr = np.asarray(a, dtype=np.float64)
+        t = torch.as_tensor(arr if arr.flags.writeable else arr.copy())  # pandas/arrow data can be read-only
     if t.device.type == "mps":
         t = t.cpu()
     return t.to(torch.float64)
 
 
-def rmse(pred: Any, y: Any) -> torch.Tensor:
+# ----------------------------------------------------------------------------- regression metrics
+def rmse(pred: Any, y: Any) -> Tensor:
     """Root mean squared error along the last dim ([..., n] -> [...])."""
     p, t = _as_metric_tensor(pred), _as_metric_tensor(y)
     return ((p - t.to(p.device)) ** 2).mean(-1).sqrt()
 
 
-def r2(pred: Any, y: Any) -> torch.Tensor:
+def r2(pred: Any, y: Any) -> Tensor:
     """Coefficient of determination ``1 - SSE/SST`` along the last dim (SST around the mean of y)."""
     p = _as_metric_tensor(pred)
     t = _as_metric_tensor(y).to(p.device)
@@ -38,7 +48,7 @@ def r2(pred: Any, y: Any) -> torch.Tensor:
     return 1 - sse / sst
 
 
-def pearson(a: Any, b: Any) -> torch.Tensor:
+def pearson(a: Any, b: Any) -> Tensor:
     """Pearson correlation along the last dim ([..., n] -> [...]); NaN where either side is constant."""
     x, z = _as_metric_tensor(a), _as_metric_tensor(b)
     z = z.to(x.device)
@@ -47,7 +57,17 @@ def pearson(a: Any, b: Any) -> torch.Tensor:
     return (x * z).sum(-1) / ((x * x).sum(-1) * (z * z).sum(-1)).sqrt()
 
 
-def rankdata(a: Any) -> torch.Tensor:
+def regression_metrics(pred: Any, y: Any) -> dict[str, float]:
+    """``rmse``, ``pearson``, ``spearman``, ``r2`` and ``n`` of predictions against labels."""
+    p, t = _as_metric_tensor(pred).flatten(), _as_metric_tensor(y).flatten()
+    if len(p) != len(t):
+        raise ValueError(f"predictions and labels have different lengths: {len(p)} vs {len(t)}")
+    return {"rmse": float(rmse(p, t)), "pearson": float(pearson(p, t)), "spearman": float(spearman(p, t)),
+            "r2": float(r2(p, t)), "n": len(t)}
+
+
+# ----------------------------------------------------------------------------- ranks
+def rankdata(a: Any) -> Tensor:
     """1-based ranks along the last dim with ties given their average rank (as scipy's 'average')."""
     x = _as_metric_tensor(a).contiguous()
     s = x.sort(-1).values
@@ -56,12 +76,68 @@ def rankdata(a: Any) -> torch.Tensor:
     return (lo + hi + 1).to(torch.float64) / 2
 
 
-def spearman(a: Any, b: Any) -> torch.Tensor:
-    """Spearman rank correlation along the last dim (Pearson of tie-averaged ranks)."""
+def drop_nan_pairs(a: Any, b: Any) -> tuple[Tensor, Tensor]:
+    """1-D ``a`` and ``b`` (float64) without the positions where either is NaN (a pairwise dropna)."""
+    x, z = _as_metric_tensor(a), _as_metric_tensor(b)
+    if x.ndim != 1 or z.ndim != 1:
+        raise ValueError(f"dropping NaN pairs needs 1-D inputs, got shapes {tuple(x.shape)} and {tuple(z.shape)}")
+    same_length(x, z, "a", "b")
+    keep = ~(x.isnan() | z.isnan())
+    return x[keep], z[keep]
+
+
+def spearman(a: Any, b: Any, *, nan_policy: str = "propagate") -> Tensor:
+    """Spearman rank correlation along the last dim (Pearson of tie-averaged ranks).
+
+    ``nan_policy="omit"`` (1-D inputs only) drops the pairs where either value is NaN and returns
+    NaN when fewer than 3 pairs remain: a failed label or score is missing, not a rank.
+    """
+    if one_of(nan_policy, "nan_policy", ("propagate", "omit")) == "omit":
+        a, b = drop_nan_pairs(a, b)
+        if len(a) < 3:
+            return torch.tensor(math.nan, dtype=torch.float64)
     return pearson(rankdata(a), rankdata(b))
 
 
+def auroc(scores: Any, labels: Any) -> float:
+    """Area under the ROC curve of ``scores`` for binary ``labels`` (Mann-Whitney U; ties count 1/2).
+
+    NaN scores are dropped; NaN when only one class is left.
+    """
+    s = _as_metric_tensor(scores).flatten()
+    y = torch.as_tensor(np.asarray(labels, dtype=bool)).flatten()
+    same_length(s, y, "scores", "labels")
+    keep = ~s.isnan()
+    s, y = s[keep], y[keep]
+    n1 = int(y.sum())
+    n0 = len(y) - n1
+    if n1 == 0 or n0 == 0:
+        return math.nan
+    return float((rankdata(s)[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def ordered_share(scores: Any, level: Any, group: Any, *, levels: Sequence[Any] | None = None) -> float:
+    """Share of groups whose mean score strictly increases with level (e.g. an article's versions).
+
+    Only groups with a score at every level count: the levels present in the data, or ``levels``
+    when given (a group missing one of them is left out). NaN when no group counts.
+    """
+    import pandas as pd
+
+    d = pd.DataFrame({"s": np.asarray(scores, dtype=float), "level": level, "group": group})
+    wide = d.pivot_table(index="group", columns="level", values="s", aggfunc="mean")  # [n_groups, n_levels]
+    if levels is not None:
+        wide = wide.reindex(columns=list(levels))
+    wide = wide.dropna()
+    if wide.empty:
+        return math.nan
+    return float((wide.diff(axis=1).iloc[:, 1:] > 0).all(axis=1).mean())
+
+
+# ----------------------------------------------------------------------------- bootstraps
 class CI(NamedTuple):
+    """A statistic with its percentile-bootstrap interval (from :func:`bootstrap_ci`)."""
+
     estimate: float  # the statistic on the full data
     lo: float  # percentile-bootstrap lower bound
     hi: float  # percentile-bootstrap upper bound
@@ -79,10 +155,8 @@ def bootstrap_ci(fn: Callable[..., Any], *arrays: Any, n_boot: int = 1000, seed:
     """
     if not arrays:
         raise ValueError("bootstrap_ci needs at least one array to resample")
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
-        raise ValueError(f"n_boot must be an int >= 1, got {n_boot!r}")
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    int_at_least(n_boot, "n_boot")
+    finite_number(alpha, "alpha", low=0, high=1, low_open=True, high_open=True)
     ts = [_as_metric_tensor(a) for a in arrays]
     n = len(ts[0])
     if any(len(t) != n for t in ts):
@@ -109,23 +183,6 @@ def bootstrap_ci(fn: Callable[..., Any], *arrays: Any, n_boot: int = 1000, seed:
     return CI(est, float(q[0]), float(q[1]))
 
 
-def regression_metrics(pred: Any, y: Any) -> dict[str, float]:
-    """``rmse``, ``pearson``, ``spearman``, ``r2`` and ``n`` of predictions against labels."""
-    p, t = _as_metric_tensor(pred).flatten(), _as_metric_tensor(y).flatten()
-    if len(p) != len(t):
-        raise ValueError(f"predictions and labels have different lengths: {len(p)} vs {len(t)}")
-    return {"rmse": float(rmse(p, t)), "pearson": float(pearson(p, t)), "spearman": float(spearman(p, t)),
-            "r2": float(r2(p, t)), "n": len(t)}
-
-
-
-# ----------------------------------------------------------------------------- folds and bootstraps
-def kfold_indices(n: int, folds: int, seed: int = 0) -> list[torch.Tensor]:
-    """Validation indices of a seeded, shuffled k-fold split of ``n`` samples (sizes differ by <= 1)."""
-    g = torch.Generator().manual_seed(int(seed))
-    return list(torch.randperm(n, generator=g).tensor_split(folds))
-
-
 def bootstrap_counts(n: int, n_boot: int, seed: int = 0) -> Tensor:
     """Row counts of ``n_boot`` bootstrap resamples of ``n`` rows: float64 [n_boot, n], each row sums to n."""
     g = torch.Generator().manual_seed(int(seed))
@@ -133,6 +190,59 @@ def bootstrap_counts(n: int, n_boot: int, seed: int = 0) -> Tensor:
     return torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(1, idx, torch.ones(n_boot, n, dtype=torch.float64))
 
 
+def percentile_summary(est: Tensor, boot: Tensor, alpha: float = 0.05) -> dict[str, float]:
+    """Full-sample estimate and percentile CI of a statistic ([1] and [R] tensors; NaN replicates dropped)."""
+    b = boot[torch.isfinite(boot)]
+    lo, hi = (torch.quantile(b, torch.tensor([alpha / 2, 1 - alpha / 2], dtype=b.dtype)).tolist()
+              if b.numel() and torch.isfinite(est[0]) else (math.nan, math.nan))
+    return {"estimate": float(est[0]), "lo": lo, "hi": hi}
+
+
+# ----------------------------------------------------------------------------- splits and folds
+def split_indices(n: int, *, test_frac: float = 0.2, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Seeded random (train [n - n_test], test [n_test]) index split; ``n_test = round(test_frac * n)``."""
+    finite_number(test_frac, "test_frac", low=0, high=1, low_open=True, high_open=True)
+    n_test = int(round(test_frac * n))
+    if n_test < 2 or n - n_test < 2:
+        raise ValueError(f"{n} samples with test_frac={test_frac} leave {n - n_test} train / {n_test} test rows; "
+                         f"need at least 2 of each: use more texts")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+    return perm[n_test:].sort().values, perm[:n_test].sort().values
+
+
+def kfold_indices(n: int, folds: int, seed: int = 0) -> list[Tensor]:
+    """Validation indices of a seeded, shuffled k-fold split of ``n`` samples (sizes differ by <= 1)."""
+    g = torch.Generator().manual_seed(int(seed))
+    return list(torch.randperm(n, generator=g).tensor_split(folds))
+
+
+def validation_folds(folds: Any, n: int, seed: int = 0) -> list[Tensor]:
+    """The validation-index sets of a cross-validation over ``n`` samples.
+
+    ``folds`` is a number of folds (>= 2, at most ``n``: :func:`kfold_indices` with ``seed``) or a
+    list of explicit index arrays, each holding between 1 and ``n - 1`` indices in ``[0, n)``.
+    """
+    if isinstance(folds, bool):
+        raise TypeError("folds must be an int >= 2 or a list of validation-index arrays, got a bool")
+    if isinstance(folds, (int, np.integer)):
+        folds = int(folds)
+        if folds < 2:
+            raise ValueError(f"folds must be >= 2 for cross-validation, got {folds}")
+        if n < folds:
+            raise ValueError(f"fewer samples ({n}) than folds ({folds}); every fold needs a validation "
+                             f"sample: use folds <= {n} or more data")
+        return kfold_indices(n, folds, seed)
+    out = [torch.as_tensor(np.asarray(f), dtype=torch.long).flatten() for f in folds]
+    if len(out) < 2:
+        raise ValueError(f"need at least 2 folds, got {len(out)}")
+    for i, f in enumerate(out):
+        if f.numel() == 0 or f.numel() >= n or f.min() < 0 or f.max() >= n:
+            raise ValueError(f"fold {i} must hold between 1 and {n - 1} indices in [0, {n}), got {f.numel()} "
+                             f"indices in [{int(f.min()) if f.numel() else '-'}, {int(f.max()) if f.numel() else '-'}]")
+    return out
+
+
+# ----------------------------------------------------------------------------- curves
 def interpolate(x: Tensor, xp: Tensor, fp: Tensor, *, log: bool = True) -> Tensor:
     """Piecewise-linear interpolation per replicate: ``x [R]`` in the points ``xp, fp [R, m]`` (xp sorted
     along dim 1); NaN outside ``[xp[:, 0], xp[:, -1]]``. ``log``: interpolate in log x."""
@@ -153,13 +263,3 @@ def pareto_mask(l0: Sequence[float], value: Sequence[float], higher_better: bool
     dom = ((l0a[None, :] <= l0a[:, None]) & (v[None, :] >= v[:, None])
            & ((l0a[None, :] < l0a[:, None]) | (v[None, :] > v[:, None])))  # [i, j]: j dominates i
     return (~dom.any(1)).tolist()
-
-
-def percentile_summary(est: Tensor, boot: Tensor, alpha: float = 0.05) -> dict[str, float]:
-    """Full-sample estimate and percentile CI of a statistic ([1] and [R] tensors; NaN replicates dropped)."""
-    b = boot[torch.isfinite(boot)]
-    lo, hi = (torch.quantile(b, torch.tensor([alpha / 2, 1 - alpha / 2], dtype=b.dtype)).tolist()
-              if b.numel() and torch.isfinite(est[0]) else (math.nan, math.nan))
-    return {"estimate": float(est[0]), "lo": lo, "hi": hi}
-
-

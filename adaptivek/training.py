@@ -1,6 +1,7 @@
-"""Training TopK and AdaptiveK SAEs: the paper's three phases, resumable, with a history table.
+"""Training the SAE family: the paper's three phases for AdaptiveK, resumable, with a history table.
 
-``train_sae(sae, X, y, cfg)`` trains in place and returns ``(sae, history)``.
+``train_sae(sae, X, y, cfg)`` trains any registered SAE in place and returns ``(sae, history)``: each step
+calls ``sae(x, k, dead_mask=..., k_aux=...)`` and minimises ``sae.loss(out, cfg)``, the variant's objective.
 
 * **TopK**: Adam, linear warm-up, constant, linear decay to 0 from ``decay_start``, gradient
   clipping, decoder rows renormalised after every step, AuxK on dead latents.
@@ -13,57 +14,33 @@
      than 5 % over the last 3 steps, else ×1.2, kept in [0.01, 0.5]).
 
 ``L_SAE = MSE(x_hat, x) + l1_weight · mean‖f‖₁ / mean‖x‖₂ + auxk_alpha · AuxK`` (per-element MSE as
-in the reference code). The history has one row per logged step; ``step`` counts completed
+in the reference code; the default ``sae.loss``). The history has one row per logged step; ``step`` counts completed
 updates and the phase-1 row has step 0.
 
-Deviations from the reference code (``hiyukie/adaptiveK``, ``dynamic_topk.py``; see
-``reference/paper.md`` §5), all deliberate:
-
-* **No gradient from the SAE to the probe, reproduced** (``k_gradient="none"``, the default): k is
-  rounded, so in the reference "joint" phase the probe is trained only by its own MSE, L2 and
-  deviation terms. ``k_gradient="straight_through"`` is an extension: the hard rank mask gets the
-  backward of a sigmoid in ``rank - k`` and k the backward of the unrounded sigmoid map, so the
-  reconstruction loss reaches (w, b). Expect it to push k up (more latents always reconstruct
-  better); only the probe loss, the deviation penalty and the L1 term hold it back.
-* **Probe fit on everything it is given.** The reference fits phase 1 on a random 80 % split (the
-  other 20 % is never used); we fit on all of ``(X, y)`` (hold data out yourself if you want a test
-  set). The probe (helper ``RidgeProbe``) clamps to the training label range, the reference to [0, 10].
-* **Step numbering.** The reference spends its step 0 on logging phase 1 only (T - 1 SAE updates); here
-  phase 1 runs before the loop and all T steps update the SAE. Warm-up is ``(s + 1) / warmup_steps``
-  (the reference's ``s / warmup_steps`` makes the first update a no-op).
-* **Probe learning rate** follows the reference's *effective* schedule: its probe scheduler only steps
-  during phase 3, so the probe warms up over ``warmup_steps`` from the start of phase 3 and never decays.
-* **Dead latents for AuxK** are those not fired in ``dead_after_vectors`` training vectors *before* the
-  current batch (the reference updates the counter with the batch first). Dead ⇒ AuxK selects among
-  them on the post-ReLU pre-activations, as the reference does.
-* **Batches** are drawn from a seeded per-epoch permutation (the reference streams in file order), so a
-  resumed run sees exactly the batches of an uninterrupted one.
-* **Speed, not maths**: one encoder matmul per step (the reference computes it twice), a loop-free
-  variable-k top-k, sparse decode and a sparse encoder backward.
-* **Reproduced, but worth knowing**: the phase-3 probe loss adds ``(λ/2)‖w‖²`` to a *mean* squared
-  error while phase 1 chose λ for a *summed* one, so relative to phase 1 the penalty is about n/2 times
-  stronger; it dominates the probe loss and pulls w towards 0, held back by the deviation penalty
-  (``probe_l2=False`` drops it).
-* The reference's silently ignored CLI flags (``--probe_weight 0.05``) play no part: the defaults here
-  are the values the reference actually ran with (γ = 0.9, L1 0.005, lr 1e-3, phase_ratio 0.9).
+Where this differs from the reference code (``hiyukie/adaptiveK``) and why is listed once, in
+``adaptivek.paper.DEVIATIONS`` (rendered in chapter 6); ``docs/reference-code.md`` describes that code.
+A per-row ``k`` (``train_sae(..., k=...)``) trains with a fixed allocation (TopK: the k of each row;
+AdaptiveK: in phase 2 instead of the probe's, phase 3 still uses the live probe), e.g. the ablations'.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import pandas as pd
 import torch
 
-from ._io import atomic_path
+from .checks import finite_rows
+from .io import atomic_path
 from .sae import AdaptiveKSAE, SparseAutoencoder
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 
 
 @dataclass
@@ -125,7 +102,7 @@ class TrainConfig:
     autocast: Literal["bfloat16"] | None = None
     """Train under ``torch.autocast`` with this dtype (the reference trains Gemma-2-2B's SAE under bf16
     autocast). Only the encoder's dense matmul then runs in bf16; top-k, the sparse decode, the losses and
-    every gradient stay in float32 (``sae._addmm``). None: full precision."""
+    every gradient stay in float32 (``adaptivek.fused._addmm``). None: full precision."""
     log_every: int = 1
     """Write a history row every this many steps (and at phase changes and the last step)."""
     checkpoint_every: int = 100
@@ -215,231 +192,297 @@ class _Batches:
         return torch.cat(parts)
 
 
-def _check_data(sae: SparseAutoencoder, X: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _check_data(sae: SparseAutoencoder, X: Any, y: Any, k: Any
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     if not isinstance(X, torch.Tensor):
         raise TypeError(f"X must be a torch.Tensor [n, d_in], got {type(X).__name__}")
     if X.ndim != 2 or X.shape[1] != sae.d_in:
         raise ValueError(f"X must have shape [n, d_in={sae.d_in}], got {tuple(X.shape)}")
     if len(X) == 0:
         raise ValueError("X is empty; need at least one training vector")
-    bad = ~torch.isfinite(X).all(1)
-    if bad.any():
-        rows = bad.nonzero().flatten()
-        raise ValueError(f"X contains NaN or inf in {len(rows)} row(s) (first: {rows[:5].tolist()}); drop "
-                         f"them (and their labels) before training")
+    finite_rows(X, "X", "drop them (and their labels) before training")
+    if k is not None:
+        k = torch.as_tensor(k)
+        if k.shape != (len(X),) or k.is_floating_point() or k.dtype == torch.bool:
+            raise ValueError(f"k must be an integer tensor [n={len(X)}] (one k per row of X), got {k.dtype} "
+                             f"{tuple(k.shape)}")
+        if int(k.min()) < 1 or int(k.max()) > sae.d_sae:
+            raise ValueError(f"k must lie in [1, d_sae={sae.d_sae}], got values in [{int(k.min())}, {int(k.max())}]")
+        k = k.to(torch.int64)
     if y is None:
         if isinstance(sae, AdaptiveKSAE):
             raise ValueError("training an AdaptiveKSAE needs the complexity labels y (one per row of X): "
                              "phases 1 and 3 fit the probe to them")
-        return X, None
+        return X, None, k
     y = torch.as_tensor(y).detach().flatten().to(torch.float32)
     if len(y) != len(X):
         raise ValueError(f"labels have the wrong length: y has {len(y)} entries but X has {len(X)} rows; "
                          f"they must be paired row by row")
-    bad = ~torch.isfinite(y)
-    if bad.any():
-        rows = bad.nonzero().flatten()
-        raise ValueError(f"y contains NaN or inf at {len(rows)} row(s) (first: {rows[:5].tolist()}): a failed "
-                         f"label has no complexity; drop those rows from X and y")
-    return X, y
+    finite_rows(y, "y", "a failed label has no complexity: drop those rows from X and y")
+    return X, y, k
 
 
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    with atomic_path(path, ".pt") as tmp:
-        torch.save(state, tmp)
+class ProbeTerms(NamedTuple):
+    """Phase 3's probe terms of one batch (0-d tensors, with gradients to the probe)."""
+
+    pred: torch.Tensor  # [B] clamped predictions
+    mse: torch.Tensor  # () mean squared error against the labels
+    loss: torch.Tensor  # () mse + (λ/2)‖w‖² (the reference's probe loss)
+    deviation: torch.Tensor  # () ‖w - w0‖ + |b - b0|
+
+
+@dataclass
+class JointProbe:
+    """Phase 3's trainable probe: (w, b) from the phase-1 fit (w0, b0), its Adam, and the deviation weight δ.
+
+    ``loss = L_SAE + γ (L_probe + δ (‖w - w0‖ + |b - b0|))`` with ``L_probe = MSE(clamp(Xw + b), y) +
+    (λ/2)‖w‖²``; δ adapts every step (:meth:`update_delta`).
+    """
+
+    w: torch.Tensor  # [d] trainable
+    b: torch.Tensor  # () trainable
+    w0: torch.Tensor  # [d] the phase-1 fit, for the deviation penalty
+    b0: torch.Tensor  # ()
+    opt: torch.optim.Optimizer
+    delta: float
+    losses: list[float] = field(default_factory=list)  # the last three probe losses
+
+    @classmethod
+    def start(cls, w0: torch.Tensor, b0: torch.Tensor, cfg: TrainConfig) -> JointProbe:
+        """Trainable copies of (w0, b0), a fresh Adam and δ = ``cfg.deviation_weight``."""
+        w, b = w0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+        return cls(w, b, w0, b0, make_adam([w, b], cfg.probe_lr), cfg.deviation_weight)
+
+    @classmethod
+    def of(cls, sae: AdaptiveKSAE, cfg: TrainConfig) -> JointProbe:
+        """Unfreeze the SAE's probe: float copies on the SAE's device."""
+        probe = sae.probe
+        return cls.start(probe.weight.to(sae.device, sae.dtype), probe.bias.to(sae.device, sae.dtype).reshape(()), cfg)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], cfg: TrainConfig) -> JointProbe:
+        """Rebuild from :meth:`state_dict` (a checkpoint's)."""
+        w, b = (state[k].detach().clone().requires_grad_(True) for k in ("w", "b"))
+        jp = cls(w, b, state["w0"], state["b0"], make_adam([w, b], cfg.probe_lr), state["delta"], list(state["losses"]))
+        jp.opt.load_state_dict(state["opt_state"])
+        return jp
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"w": self.w, "b": self.b, "w0": self.w0, "b0": self.b0, "delta": self.delta,
+                "losses": self.losses, "opt_state": self.opt.state_dict()}
+
+    def loss(self, xb: torch.Tensor, yb: torch.Tensor, probe: Any, cfg: TrainConfig) -> ProbeTerms:
+        """The probe terms on a batch ``xb [B, d]`` with labels ``yb [B]``."""
+        pred = (xb @ self.w + self.b).clamp(probe.y_min, probe.y_max)  # [B]
+        mse = (pred - yb).pow(2).mean()
+        loss = mse + (0.5 * probe.lambda_ * self.w.pow(2).sum() if cfg.probe_l2 else 0.0)
+        return ProbeTerms(pred, mse, loss, (self.w - self.w0).norm() + (self.b - self.b0).abs())
+
+    def step(self, probe_loss: float, lr: float, cfg: TrainConfig) -> None:
+        """Clip, one Adam step at ``lr``, then adapt δ (the gradients come from the joint backward)."""
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        torch.nn.utils.clip_grad_norm_([self.w, self.b], cfg.grad_clip)
+        self.opt.step()
+        self.update_delta(probe_loss, cfg)
+
+    def update_delta(self, probe_loss: float, cfg: TrainConfig) -> None:
+        """The reference's adaptive δ: relax it (×0.8) while the probe loss falls by more than
+        ``deviation_threshold`` over 3 steps, else tighten it (×1.2), within ``deviation_bounds``."""
+        self.losses = (self.losses + [probe_loss])[-3:]
+        if len(self.losses) == 3 and self.losses[0] > 0:
+            lo, hi = cfg.deviation_bounds
+            fell = (self.losses[0] - self.losses[-1]) / self.losses[0]
+            self.delta = max(lo, self.delta * 0.8) if fell > cfg.deviation_threshold else min(hi, self.delta * 1.2)
+
+    def write_back(self, sae: AdaptiveKSAE) -> None:
+        """Copy (w, b) into ``sae.probe`` (float64, CPU, as RidgeProbe stores them)."""
+        sae.probe.weight = self.w.detach().cpu().double().clone()
+        sae.probe.bias = self.b.detach().cpu().double().clone().reshape(())
+
+
+@dataclass
+class _Run:
+    """The mutable state of one training run (what a checkpoint holds)."""
+
+    opt: torch.optim.Optimizer
+    since_fired: torch.Tensor  # [d_sae] training vectors since each latent last fired
+    history: list[dict[str, Any]] = field(default_factory=list)
+    start: int = 0  # first step still to run
+    joint: JointProbe | None = None  # phase 3 only
+
+    def snapshot(self, sae: SparseAutoencoder, fingerprint: dict[str, Any], step: int) -> dict[str, Any]:
+        if self.joint is not None:
+            self.joint.write_back(sae)
+        return {"fingerprint": fingerprint, "step": step, "history": self.history, "sae": sae.state_dict(),
+                "extra": sae._extra_tensors(), "opt": self.opt.state_dict(), "since_fired": self.since_fired,
+                "joint": self.joint.state_dict() if self.joint is not None else None}
+
+
+def _resume(run: _Run, sae: SparseAutoencoder, ckpt: Path, fingerprint: dict[str, Any], cfg: TrainConfig) -> None:
+    """Load an interrupted run's checkpoint into ``run`` and ``sae`` (refusing one of another run)."""
+    state = torch.load(ckpt, map_location=sae.device, weights_only=False)
+    if state["fingerprint"] != fingerprint:
+        raise ValueError(f"{ckpt} was written by a run with a different config, model or data size; "
+                         f"delete it or use another checkpoint_dir")
+    run.start, run.history = state["step"], state["history"]
+    sae._load_extra(state["extra"])
+    sae.load_state_dict(state["sae"])
+    run.opt.load_state_dict(state["opt"])
+    run.since_fired.copy_(state["since_fired"])
+    run.joint = JointProbe.from_state(state["joint"], cfg) if state["joint"] is not None else None
+
+
+def _phase1(sae: AdaptiveKSAE, X: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> dict[str, Any]:
+    """AdaptiveK phase 1: fit the probe (unless it is fitted and ``fit_probe`` is not True); its history row."""
+    from .probe import RidgeProbe
+
+    if cfg.fit_probe if cfg.fit_probe is not None else not sae.has_probe:
+        sae.probe = RidgeProbe.fit(X, y, lambdas=cfg.probe_lambdas, folds=cfg.probe_folds, seed=cfg.seed)
+    elif not sae.has_probe:
+        raise ValueError("fit_probe=False but the AdaptiveKSAE has no fitted probe; pass one or allow phase 1")
+    pred = sae.probe.predict(X).float()
+    return {"step": 0, "phase": 1, "probe_loss": float(((pred - y) ** 2).mean()),
+            "probe_rmse": float(((pred - y) ** 2).mean().sqrt()),
+            "probe_cv_rmse": float(sae.probe.cv_rmse.min()) if sae.probe.cv_rmse is not None else None,
+            "probe_lambda": sae.probe.lambda_, "k_mean": float(sae.k_from_complexity(pred).float().mean()),
+            "lr": 0.0}
+
+
+def _fingerprint(sae: SparseAutoencoder, cfg: TrainConfig, n: int, k: torch.Tensor | None) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: config, SAE config, data size, per-row k."""
+    k_hash = None if k is None else hashlib.sha256(k.numpy().tobytes()).hexdigest()[:16]
+    return {"cfg": asdict(cfg), "architecture": sae.cfg.architecture, "sae": asdict(sae.cfg), "n": n,
+            "k": k_hash, "version": CHECKPOINT_VERSION}
+
+
+def _start(sae: SparseAutoencoder, X: torch.Tensor, y: torch.Tensor | None, cfg: TrainConfig,
+           ckpt: Path | None, fingerprint: dict[str, Any]) -> _Run:
+    """A fresh run (after AdaptiveK's phase 1) or the resumed one of ``ckpt``."""
+    run = _Run(make_adam(list(sae.parameters()), cfg.lr), torch.zeros(sae.d_sae, dtype=torch.long, device=sae.device))
+    if ckpt is not None and ckpt.is_file():
+        _resume(run, sae, ckpt, fingerprint, cfg)
+    elif isinstance(sae, AdaptiveKSAE):
+        run.history.append(_phase1(sae, X, y, cfg))
+    return run
+
+
+def _step(sae: SparseAutoencoder, run: _Run, xb: torch.Tensor, yb: torch.Tensor | None, kb: torch.Tensor | None,
+          dead: torch.Tensor, cfg: TrainConfig, probe_lr: float | None, autocast: Any) -> tuple[Any, torch.Tensor, Any, Any]:
+    """One optimisation step: ``(out, loss, grad_norm, probe_terms)`` (probe terms in phase 3, else None)."""
+    terms, extra = None, {}
+    if run.joint is not None:  # phase 3: k from the live probe, which trains with the SAE
+        terms = run.joint.loss(xb, yb, sae.probe, cfg)
+        kb = sae.k_from_complexity(terms.pred.detach()).to(xb.device)
+        k_soft = sae.soft_k(terms.pred) if cfg.k_gradient == "straight_through" else None
+        extra = {"k_soft": k_soft, "k_temperature": cfg.k_temperature}
+    k_aux = cfg.k_aux if cfg.k_aux is not None else sae.d_in // 2
+    with autocast:
+        out = sae(xb, kb, dead_mask=dead, k_aux=k_aux, **extra)
+    loss = sae.loss(out, cfg)
+    if terms is not None:
+        loss = loss + cfg.probe_weight * (terms.loss + run.joint.delta * terms.deviation)
+        run.joint.opt.zero_grad(set_to_none=True)
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    sae.remove_gradient_parallel_to_decoder_directions()
+    grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+    run.opt.step()
+    sae.set_decoder_norm_to_unit_norm()
+    if terms is not None:
+        run.joint.step(terms.loss.item(), float(probe_lr), cfg)
+    with torch.no_grad():  # dead-latent bookkeeping on the latents that really fired
+        fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=run.since_fired.device)
+        fired[out.top_indices[out.top_acts > 0]] = True
+        run.since_fired += len(xb)
+        run.since_fired[fired] = 0
+    return out, loss, grad_norm, terms
+
+
+def _row(s: int, phase: int, out: Any, loss: torch.Tensor, dead: torch.Tensor, grad_norm: Any, lr: float,
+         t0: float, terms: ProbeTerms | None, joint: JointProbe | None) -> dict[str, Any]:
+    """The history row of step ``s`` (0-based; the row's ``step`` counts completed updates)."""
+    l0 = out.l0.float()
+    row = {"step": s + 1, "phase": phase, "loss": loss.item(), "mse": out.mse.item(), "fve": 1 - out.fvu.item(),
+           "l1": out.l1.item(), "auxk_loss": out.auxk_loss.item(), "l0": float(l0.mean()),
+           "l0_std": float(l0.std()), "k_mean": float(out.k.float().mean()), "k_min": int(out.k.min()),
+           "k_max": int(out.k.max()), "dead_frac": float(dead.float().mean()), "grad_norm": float(grad_norm),
+           "lr": lr, "time_s": time.perf_counter() - t0}
+    if terms is not None and joint is not None:
+        row |= {"probe_loss": terms.loss.item(), "probe_rmse": terms.mse.sqrt().item(),
+                "deviation": terms.deviation.item(), "deviation_weight": joint.delta,
+                "probe_lr": joint.opt.param_groups[0]["lr"]}
+    return row
 
 
 def train_sae(sae: SparseAutoencoder, X: torch.Tensor, y: Any = None, cfg: TrainConfig | None = None, *,
-              progress: bool = True, checkpoint_dir: str | os.PathLike | None = None,
+              k: Any = None, progress: bool = True, checkpoint_dir: str | os.PathLike | None = None,
               callback: Callable[[int, dict[str, Any]], None] | None = None
               ) -> tuple[SparseAutoencoder, pd.DataFrame]:
-    """Train ``sae`` in place on ``X [n, d_in]`` and return ``(sae, history)``.
+    """Train ``sae`` in place on ``X [n, d_in]`` and return ``(sae, history)``, the SAE in eval mode.
 
     Args:
-        sae: a :class:`TopKSAE` or :class:`AdaptiveKSAE`; trained on its own device (X may stay on CPU).
+        sae: any registered SAE (TopK, AdaptiveK, BatchTopK, ...); trained on its own device (X may stay on CPU).
         X: training vectors, one per row.
-        y: complexity labels [n] (AdaptiveK: required; TopK: ignored).
+        y: complexity labels [n] (AdaptiveK: required; others: ignored).
         cfg: :class:`TrainConfig`.
+        k: optional per-row k, an integer tensor [n]: TopK keeps ``k[i]`` latents for row i; AdaptiveK uses it
+            instead of the probe's k in phase 2 (phase 3 keeps the live probe's).
         progress: show a tqdm bar with loss / FVE / L0 / dead fraction.
         checkpoint_dir: write ``checkpoint.pt`` there every ``cfg.checkpoint_every`` steps and at the end;
-            if one exists from an earlier, interrupted call with the same config and data size, training
+            if one exists from an earlier, interrupted call with the same config, data size and k, training
             resumes from it and the result equals that of an uninterrupted run.
         callback: called as ``callback(step, row)`` after every logged step (``row`` the history row).
     """
-    cfg = TrainConfig() if cfg is None else cfg
-    X, y = _check_data(sae, X, y)
-    adaptive = isinstance(sae, AdaptiveKSAE)
-    device = sae.W_enc.device
-    autocast = torch.autocast(device.type, dtype=getattr(torch, cfg.autocast or "bfloat16"),
-                              enabled=cfg.autocast is not None)  # reusable: a plain context manager
-    n, T = len(X), cfg.total_steps(len(X))
-    p3 = int(cfg.phase_ratio * T) if adaptive and cfg.phase_ratio < 1 else T  # first phase-3 step
-    batches = _Batches(n, cfg.batch_size, cfg.seed)
-    opt = make_adam(list(sae.parameters()), cfg.lr)
-    since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
-    history: list[dict[str, Any]] = []
-    probe_state: dict[str, Any] = {}  # phase 3: w, b (trainable), w0, b0, its optimiser, δ and loss history
-    start = 0
-
-    ckpt = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir is not None else None
-    fingerprint = {"cfg": asdict(cfg), "class": type(sae).__name__, "sae": sae.config() | {"has_probe": None},
-                   "n": n, "version": CHECKPOINT_VERSION}
-    if ckpt is not None and ckpt.is_file():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
-        if state["fingerprint"] != fingerprint:
-            raise ValueError(f"{ckpt} was written by a run with a different config, model or data size; "
-                             f"delete it or use another checkpoint_dir")
-        start, history = state["step"], state["history"]
-        sae.load_state_dict(state["sae"])
-        opt.load_state_dict(state["opt"])
-        since_fired.copy_(state["since_fired"])
-        if adaptive:
-            from .probe import RidgeProbe
-
-            sae.probe = RidgeProbe.from_tensors(state["probe"])
-            if state["probe_state"]:
-                probe_state = _start_phase3(sae, cfg, device, state["probe_state"])
-    elif adaptive:
-        fit = cfg.fit_probe if cfg.fit_probe is not None else not sae.has_probe
-        if fit:
-            from .probe import RidgeProbe
-
-            sae.probe = RidgeProbe.fit(X, y, lambdas=cfg.probe_lambdas, folds=cfg.probe_folds, seed=cfg.seed)
-        elif not sae.has_probe:
-            raise ValueError("fit_probe=False but the AdaptiveKSAE has no fitted probe; pass one or allow phase 1")
-        pred = sae.probe.predict(X).float()
-        history.append({"step": 0, "phase": 1, "probe_loss": float(((pred - y) ** 2).mean()),
-                        "probe_rmse": float(((pred - y) ** 2).mean().sqrt()),
-                        "probe_cv_rmse": float(sae.probe.cv_rmse.min()) if sae.probe.cv_rmse is not None else None,
-                        "probe_lambda": sae.probe.lambda_, "k_mean": float(sae.k_from_complexity(pred).float().mean()),
-                        "lr": 0.0})
-
-    def snapshot(step: int) -> dict[str, Any]:
-        if adaptive and probe_state:
-            _write_back(sae, probe_state)
-        return {"fingerprint": fingerprint, "step": step, "history": history, "sae": sae.state_dict(),
-                "opt": opt.state_dict(), "since_fired": since_fired,
-                "probe": sae.probe.to_tensors() if adaptive else None,
-                "probe_state": {k: v for k, v in probe_state.items() if k != "opt"}
-                | ({"opt_state": probe_state["opt"].state_dict()} if probe_state else {})}
-
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=T, initial=start, disable=not progress, desc=type(sae).__name__, leave=False)
+    cfg = TrainConfig() if cfg is None else cfg
+    X, y, k = _check_data(sae, X, y, k)
+    T = cfg.total_steps(len(X))
+    adaptive = isinstance(sae, AdaptiveKSAE)
+    p3 = int(cfg.phase_ratio * T) if adaptive and cfg.phase_ratio < 1 else T  # first phase-3 step
+    ckpt = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir is not None else None
+    fingerprint = _fingerprint(sae, cfg, len(X), k)
+    run = _start(sae, X, y, cfg, ckpt, fingerprint)
+    batches = _Batches(len(X), cfg.batch_size, cfg.seed)
+    autocast = torch.autocast(sae.device.type, dtype=getattr(torch, cfg.autocast or "bfloat16"),
+                              enabled=cfg.autocast is not None)  # reusable: a plain context manager
+    bar = tqdm(total=T, initial=run.start, disable=not progress, desc=type(sae).__name__, leave=False)
     t0 = time.perf_counter()
-    k_aux = cfg.k_aux if cfg.k_aux is not None else sae.d_in // 2
-    for s in range(start, T):
-        idx = batches(s)
-        xb = X[idx].to(device=device, dtype=sae.W_enc.dtype, non_blocking=True)
-        if s == 0:
-            sae.init_b_dec(xb, cfg.init_b_dec)
-        phase = 3 if s >= p3 else 2
-        lr_f = lr_factor(s, T, cfg.warmup_steps, cfg.decay_start)
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * lr_f
-        dead = since_fired >= cfg.dead_after_vectors
-        row: dict[str, Any] = {"step": s + 1, "phase": phase}
-
-        if phase == 3:
-            if not probe_state:
-                probe_state = _start_phase3(sae, cfg, device)
-            ps = probe_state
-            yb = y[idx].to(device)
-            w, b = ps["w"], ps["b"]
-            pred = (xb @ w + b).clamp(sae.probe.y_min, sae.probe.y_max)  # [B]
-            probe_mse = (pred - yb).pow(2).mean()
-            probe_loss = probe_mse + (0.5 * sae.probe.lambda_ * w.pow(2).sum() if cfg.probe_l2 else 0.0)
-            deviation = (w - ps["w0"]).norm() + (b - ps["b0"]).abs()
-            k = sae.k_from_complexity(pred.detach()).to(device)
-            k_soft = sae.soft_k(pred) if cfg.k_gradient == "straight_through" else None
-            with autocast:
-                out = sae(xb, k, dead_mask=dead, k_aux=k_aux, k_soft=k_soft, k_temperature=cfg.k_temperature)
-        else:
-            with autocast:
-                out = sae(xb, dead_mask=dead, k_aux=k_aux)
-        sae_loss = out.mse + cfg.l1_weight * out.l1 + cfg.auxk_alpha * out.auxk_loss
-        loss = sae_loss
-        if phase == 3:
-            loss = sae_loss + cfg.probe_weight * (probe_loss + ps["delta"] * deviation)
-            ps["opt"].zero_grad(set_to_none=True)
-            for group in ps["opt"].param_groups:
-                group["lr"] = cfg.probe_lr * lr_factor(s - p3, T - p3, cfg.warmup_steps, 1.0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        sae.remove_gradient_parallel_to_decoder_directions()
-        grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-        opt.step()
-        sae.set_decoder_norm_to_unit_norm()
-        if phase == 3:
-            torch.nn.utils.clip_grad_norm_([w, b], cfg.grad_clip)
-            ps["opt"].step()
-            _update_delta(ps, probe_loss.item(), cfg)
-
-        with torch.no_grad():  # dead-latent bookkeeping on the latents that really fired
-            fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=device)
-            fired[out.top_indices[out.top_acts > 0]] = True
-            since_fired += len(xb)
-            since_fired[fired] = 0
-
-        last = s == T - 1
-        if (s + 1) % cfg.log_every == 0 or last or s == start or s == p3:
-            l0 = out.l0.float()
-            row |= {"loss": loss.item(), "mse": out.mse.item(), "fve": 1 - out.fvu.item(), "l1": out.l1.item(),
-                    "auxk_loss": out.auxk_loss.item(), "l0": float(l0.mean()), "l0_std": float(l0.std()),
-                    "k_mean": float(out.k.float().mean()), "k_min": int(out.k.min()), "k_max": int(out.k.max()),
-                    "dead_frac": float(dead.float().mean()), "grad_norm": float(grad_norm),
-                    "lr": cfg.lr * lr_f, "time_s": time.perf_counter() - t0}
-            if phase == 3:
-                row |= {"probe_loss": probe_loss.item(), "probe_rmse": probe_mse.sqrt().item(),
-                        "deviation": deviation.item(), "deviation_weight": ps["delta"],
-                        "probe_lr": ps["opt"].param_groups[0]["lr"]}
-            history.append(row)
-            bar.set_postfix(loss=f"{row['loss']:.4g}", fve=f"{row['fve']:.3f}", l0=f"{row['l0']:.0f}",
-                            dead=f"{row['dead_frac']:.2f}", refresh=False)
-            if callback is not None:
-                callback(s + 1, row)
-        bar.update(1)
-        if ckpt is not None and ((s + 1) % cfg.checkpoint_every == 0 or last):
-            _save_checkpoint(ckpt, snapshot(s + 1))
-    bar.close()
-    if adaptive and probe_state:
-        _write_back(sae, probe_state)
-    return sae, pd.DataFrame(history)
+    sae.train()
+    try:
+        for s in range(run.start, T):
+            idx = batches(s)
+            xb = X[idx].to(device=sae.device, dtype=sae.dtype, non_blocking=True)
+            if s == 0:
+                sae.init_b_dec(xb, cfg.init_b_dec)
+            lr = cfg.lr * lr_factor(s, T, cfg.warmup_steps, cfg.decay_start)
+            for group in run.opt.param_groups:
+                group["lr"] = lr
+            yb = probe_lr = None
+            if s >= p3:  # phase 3: the probe trains too (warm-up from p3, no decay: the reference's schedule)
+                run.joint = run.joint or JointProbe.of(sae, cfg)
+                yb, probe_lr = y[idx].to(sae.device), cfg.probe_lr * lr_factor(s - p3, T - p3, cfg.warmup_steps, 1.0)
+            dead = run.since_fired >= cfg.dead_after_vectors
+            kb = k[idx].to(sae.device) if k is not None else None
+            out, loss, grad_norm, terms = _step(sae, run, xb, yb, kb, dead, cfg, probe_lr, autocast)
+            if (s + 1) % cfg.log_every == 0 or s == T - 1 or s == run.start or s == p3:
+                row = _row(s, 3 if s >= p3 else 2, out, loss, dead, grad_norm, lr, t0, terms, run.joint)
+                run.history.append(row)
+                bar.set_postfix(loss=f"{row['loss']:.4g}", fve=f"{row['fve']:.3f}", l0=f"{row['l0']:.0f}",
+                                dead=f"{row['dead_frac']:.2f}", refresh=False)
+                if callback is not None:
+                    callback(s + 1, row)
+            bar.update(1)
+            if ckpt is not None and ((s + 1) % cfg.checkpoint_every == 0 or s == T - 1):
+                with atomic_path(ckpt, ".pt") as tmp:
+                    torch.save(run.snapshot(sae, fingerprint, s + 1), tmp)
+    finally:
+        bar.close()
+        sae.eval()
+    if run.joint is not None:
+        run.joint.write_back(sae)
+    return sae, pd.DataFrame(run.history)
 
 
-def _start_phase3(sae: AdaptiveKSAE, cfg: TrainConfig, device: torch.device,
-                  saved: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Unfreeze the probe: trainable float copies (w, b) of the phase-1 fit, (w0, b0) kept for the penalty.
-
-    ``saved``: the phase-3 state of a checkpoint to resume from.
-    """
-    if saved is not None:
-        w, b = (saved[k].detach().clone().requires_grad_(True) for k in ("w", "b"))
-        ps = {"w": w, "b": b, "w0": saved["w0"], "b0": saved["b0"], "opt": make_adam([w, b], cfg.probe_lr),
-              "delta": saved["delta"], "losses": list(saved["losses"])}
-        ps["opt"].load_state_dict(saved["opt_state"])
-        return ps
-    dtype = sae.W_enc.dtype
-    w0 = sae.probe.weight.to(device, dtype)
-    b0 = sae.probe.bias.to(device, dtype).reshape(())
-    w, b = w0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
-    return {"w": w, "b": b, "w0": w0, "b0": b0, "opt": make_adam([w, b], cfg.probe_lr),
-            "delta": cfg.deviation_weight, "losses": []}
-
-
-def _update_delta(ps: dict[str, Any], probe_loss: float, cfg: TrainConfig) -> None:
-    """The reference's adaptive deviation weight: relax it while the probe loss is still falling fast."""
-    ps["losses"] = (ps["losses"] + [probe_loss])[-3:]
-    if len(ps["losses"]) == 3 and ps["losses"][0] > 0:
-        lo, hi = cfg.deviation_bounds
-        fell = (ps["losses"][0] - ps["losses"][-1]) / ps["losses"][0]
-        ps["delta"] = max(lo, ps["delta"] * 0.8) if fell > cfg.deviation_threshold else min(hi, ps["delta"] * 1.2)
-
-
-def _write_back(sae: AdaptiveKSAE, ps: dict[str, Any]) -> None:
-    """Copy the phase-3 probe (w, b) into ``sae.probe`` (float64, CPU, as RidgeProbe stores them)."""
-    sae.probe.weight = ps["w"].detach().cpu().double().clone()
-    sae.probe.bias = ps["b"].detach().cpu().double().clone().reshape(())
-
-
-__all__ = ["TrainConfig", "train_sae", "lr_factor", "make_adam"]
+__all__ = ["TrainConfig", "train_sae", "JointProbe", "lr_factor", "make_adam"]

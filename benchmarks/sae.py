@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from adaptivek.probe import RidgeProbe
 from adaptivek.sae import AdaptiveKSAE, SparseAutoencoder, TopKSAE
-from adaptivek.training import make_adam
+from adaptivek.training import TrainConfig, make_adam
 
 
 def _sync(device: torch.device) -> None:
@@ -52,7 +52,7 @@ def setup(args: argparse.Namespace, device: torch.device):
     ada = AdaptiveKSAE(args.d_in, args.d_sae, probe, k_min=args.k_min, k_max=args.k_max, seed=0).to(device)
     x = X[: args.batch].to(device)
     with torch.no_grad():
-        k = ada._resolve_k(x, None)
+        k = ada.encode_sparse(x).k  # the probe's k of each row
     top = TopKSAE(args.d_in, args.d_sae, int(k.max()), seed=0).to(device)
     top.load_state_dict(ada.state_dict())
     return x, k, ada, top
@@ -107,13 +107,15 @@ def make_step(kind: str, ada: AdaptiveKSAE, x: torch.Tensor, k: torch.Tensor, de
               ) -> Callable[[], None]:
     """One full training step of ``ours`` (the library path) or ``naive`` (dense autograd), on its own copy."""
     if kind == "ours":
-        sae = AdaptiveKSAE(ada.d_in, ada.d_sae, ada.probe, k_min=ada.k_min, k_max=ada.k_max).to(x.device)
+        sae = SparseAutoencoder.from_config(ada.cfg, device=x.device)
+        sae.probe = ada.probe
         sae.load_state_dict(ada.state_dict())
         opt = _adam(list(sae.parameters()))
+        cfg = TrainConfig()  # the reference's loss weights: L1 0.005, AuxK 1/32
 
         def step() -> None:
-            out = sae(x, dead_mask=dead)  # k from the probe, as in training
-            loss = out.mse + 0.005 * out.l1 + out.auxk_loss / 32
+            out = sae(x, dead_mask=dead)  # k from the probe, as in training: the fused sparse path
+            loss = sae.loss(out, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             sae.remove_gradient_parallel_to_decoder_directions()
@@ -194,6 +196,26 @@ def measure_memory(args: argparse.Namespace, kind: str, frac: float, device: tor
     return (r["peak"] - r["before"]) / 2**20, r["peak"] / 2**20
 
 
+def report(times: dict[str, list[float]]) -> None:
+    """The table of timings and the ratios against their targets."""
+    unit_min, unit_med = min(times["dense matmul B x d_in x d_sae"]), statistics.median(times["dense matmul B x d_in x d_sae"])
+    print(f"\n{'case':44s} {'min s':>9s} {'median s':>9s} {'min/matmul':>11s} {'med/matmul':>11s}")
+    for name, ts in times.items():
+        print(f"{name:44s} {min(ts):9.4f} {statistics.median(ts):9.4f} {min(ts) / unit_min:11.2f} "
+              f"{statistics.median(ts) / unit_med:11.2f}")
+
+    def ratio(a: str, b: str) -> str:
+        return f"{min(times[a]) / min(times[b]):.2f}x (min) / {statistics.median(times[a]) / statistics.median(times[b]):.2f}x (median)"
+
+    print("\nAdaptiveK encode / TopK(k_max) encode:      ", ratio("AdaptiveK encode", "TopK encode (k = k_max)"), "  target <= 1.1x")
+    print("per-row loop encode / AdaptiveK encode:      ", ratio("reference per-row loop encode", "AdaptiveK encode"))
+    for tag in ("no dead latents", "10% dead (AuxK)"):
+        ours, naive = f"train step, ours, {tag}", f"train step, naive dense, {tag}"
+        print(f"train step ({tag}), dense-matmul units:".ljust(46),
+              f"ours {min(times[ours]) / unit_min:.2f} (min) / {statistics.median(times[ours]) / unit_med:.2f} (median), "
+              f"naive {min(times[naive]) / unit_min:.2f} / {statistics.median(times[naive]) / unit_med:.2f}   target <= 3")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -252,22 +274,7 @@ def main() -> None:
                 if rep:
                     times[name].append(clock() - t0)
 
-    unit_min, unit_med = min(times["dense matmul B x d_in x d_sae"]), statistics.median(times["dense matmul B x d_in x d_sae"])
-    print(f"\n{'case':44s} {'min s':>9s} {'median s':>9s} {'min/matmul':>11s} {'med/matmul':>11s}")
-    for name, ts in times.items():
-        print(f"{name:44s} {min(ts):9.4f} {statistics.median(ts):9.4f} {min(ts) / unit_min:11.2f} "
-              f"{statistics.median(ts) / unit_med:11.2f}")
-
-    def ratio(a: str, b: str) -> str:
-        return f"{min(times[a]) / min(times[b]):.2f}x (min) / {statistics.median(times[a]) / statistics.median(times[b]):.2f}x (median)"
-
-    print("\nAdaptiveK encode / TopK(k_max) encode:      ", ratio("AdaptiveK encode", "TopK encode (k = k_max)"), "  target <= 1.1x")
-    print("per-row loop encode / AdaptiveK encode:      ", ratio("reference per-row loop encode", "AdaptiveK encode"))
-    for tag in ("no dead latents", "10% dead (AuxK)"):
-        ours, naive = f"train step, ours, {tag}", f"train step, naive dense, {tag}"
-        print(f"train step ({tag}), dense-matmul units:".ljust(46),
-              f"ours {min(times[ours]) / unit_min:.2f} (min) / {statistics.median(times[ours]) / unit_med:.2f} (median), "
-              f"naive {min(times[naive]) / unit_min:.2f} / {statistics.median(times[naive]) / unit_med:.2f}   target <= 3")
+    report(times)
     if not args.no_memory:
         print("\npeak memory of one training step (" + ("torch.cuda.max_memory_allocated" if device.type == "cuda"
               else "peak RSS, reset just before the step, over the RSS before it; fresh subprocess, 1 thread") + "):")

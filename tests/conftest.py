@@ -10,6 +10,15 @@ import pytest
 import torch
 
 
+def _close(a, b, rtol=1.3e-6, atol=1e-5):
+    """assert_close without importing torch.testing (seconds of import time on a busy machine).
+
+    Shared by the test modules: ``from conftest import _close``.
+    """
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert torch.allclose(a, b, rtol=rtol, atol=atol), f"max abs diff {(a - b).abs().max().item():.3g}"
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny matrices: extra OpenMP threads only add spin-wait overhead (severe on a shared 2-core machine)."""

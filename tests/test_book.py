@@ -198,38 +198,3 @@ def test_html_check_finds_errors_missing_figures_and_unresolved_glue(tmp_path):
     assert any("absent: no page" in p for p in problems)
     assert any("unresolved glue" in p for p in problems)
     assert not any("glue" in p for p in book.check_html(tmp_path, ["good"], build_log=log, require_glue=False))
-
-
-def test_contexts_and_labels_pairs_by_text_and_rebuilds_what_is_missing(tmp_path, smol_tokenizer, monkeypatch):
-    import math
-
-    import pandas as pd
-
-    import adaptivek.corpus
-
-    texts = ["A short one.", "The second context, a bit longer than the first.", "Third."]
-    pd.DataFrame({"text": texts}).to_parquet(tmp_path / "texts.parquet")
-    pd.DataFrame({"text": texts[::-1], "complexity": [3.0, float("nan"), 1.0]}).to_parquet(tmp_path / "labels.parquet")
-    got, y, source = book.contexts_and_labels(tmp_path, smol_tokenizer)
-    assert got == texts and "labels.parquet" in source
-    assert y[0] == 1.0 and math.isnan(y[1]) and y[2] == 3.0  # by text, not by row; a failed label stays NaN
-
-    pd.DataFrame({"text": texts[:2], "complexity": [1.0, 2.0]}).to_parquet(tmp_path / "labels.parquet")
-    with pytest.raises(ValueError, match="different runs"):
-        book.contexts_and_labels(tmp_path, smol_tokenizer)
-
-    (tmp_path / "labels.parquet").unlink()
-    got, y, source = book.contexts_and_labels(tmp_path, smol_tokenizer)
-    assert got == texts and "rubric" in source and bool(((y >= 0) & (y <= 10)).all())
-
-    (tmp_path / "texts.parquet").unlink()  # nothing ran: chapter 1's sample is rebuilt from the corpus
-    calls = []
-
-    def fake_corpus(name, n, seed):
-        calls.append((name, n, seed))
-        return {"text": ["word " * 50, "Tiny text."]}
-
-    monkeypatch.setattr(adaptivek.corpus, "load_corpus", fake_corpus)
-    got, y, _ = book.contexts_and_labels(tmp_path, smol_tokenizer, corpus="embedded", n_texts=2, seed=7, max_length=8)
-    assert calls == [("embedded", 2, 7)]
-    assert len(smol_tokenizer(got[0])["input_ids"]) <= 8 and got[1] == "Tiny text." and len(y) == 2

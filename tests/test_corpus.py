@@ -74,13 +74,18 @@ def test_sampling_is_deterministic_by_seed(pool):
     assert set(a["source"]) == {"brown", "gutenberg", "sotu", "wiki"}
 
 
-def test_sources_filter_and_errors(pool):
+def test_sources_filter(pool):
     ds = load_corpus("embedded", sources=["brown"], n=50)
     assert set(ds["source"]) == {"brown"}
-    with pytest.raises(ValueError, match="unknown embedded sources"):
-        load_corpus("embedded", sources=["brown", "bogus"])
-    with pytest.raises(ValueError, match="positive int"):
-        load_corpus("embedded", n=0)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"sources": ["brown", "bogus"]}, "unknown embedded sources"),
+    ({"n": 0}, "positive int"),
+], ids=["unknown_source", "n_zero"])
+def test_embedded_bad_arguments(pool, kw, match):
+    with pytest.raises(ValueError, match=match):
+        load_corpus("embedded", **kw)
 
 
 def test_chunker_merges_short_and_splits_long_paragraphs():
@@ -130,18 +135,22 @@ def test_local_files(tmp_path, suffix):
     assert sorted(load_corpus(path)["text"]) == sorted(df["text"])
 
 
-def test_local_file_errors(tmp_path):
+def test_local_file_text_column(tmp_path):
     path = tmp_path / "docs.csv"
     pd.DataFrame({"body": ["a b c"], "x": [1]}).to_csv(path, index=False)
     with pytest.raises(ValueError, match=r"no 'text' column \(columns: \['body', 'x'\]\)"):
         load_corpus(path)
     assert load_corpus(path, text_column="body")["text"] == ["a b c"]
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_corpus(tmp_path / "missing.parquet")
-    with pytest.raises(ValueError, match="unknown corpus 'nonsense'.*'embedded'.*Hugging Face.*parquet"):
-        load_corpus("nonsense")
-    with pytest.raises(ValueError, match="pass n="):
-        load_corpus("monology/pile-uncopyrighted")  # streamed: needs n (checked before any download)
+
+
+@pytest.mark.parametrize("name, exc, match", [
+    ("missing.parquet", FileNotFoundError, "does not exist"),
+    ("nonsense", ValueError, "unknown corpus 'nonsense'.*'embedded'.*Hugging Face.*parquet"),
+    ("monology/pile-uncopyrighted", ValueError, "pass n="),  # streamed: needs n (checked before any download)
+], ids=["missing_file", "unknown_name", "hf_without_n"])
+def test_bad_corpus_names(tmp_path, name, exc, match):
+    with pytest.raises(exc, match=match):
+        load_corpus(tmp_path / name if name.endswith(".parquet") else name)
 
 
 def test_hf_dataset_ids_are_streamed(monkeypatch):
@@ -172,11 +181,16 @@ def test_authors_label_file(tmp_path):
         ds = load_corpus(path)
     got = dict(zip(ds["text"], ds["complexity"], strict=True))
     assert got["first context"] == 4.5 and got["third context"] == 7.2 and pd.isna(got["second context"])
-    df.drop(columns=["complexity_score"]).to_parquet(path)
-    with pytest.raises(ValueError, match="missing complexity_score"):
-        load_corpus(path)
-    df.rename(columns={"text": "body"}).to_parquet(path)
-    with pytest.raises(ValueError, match="missing a text column"):
+
+
+@pytest.mark.parametrize("broken, match", [
+    (lambda df: df.drop(columns=["complexity_score"]), "missing complexity_score"),
+    (lambda df: df.rename(columns={"text": "body"}), "missing a text column"),
+], ids=["no_score", "no_text"])
+def test_authors_label_file_errors(tmp_path, broken, match):
+    path = tmp_path / "context_complexity_250k.parquet"
+    broken(pd.DataFrame({"text": ["a context"], "complexity_score": [4.5]})).to_parquet(path)
+    with pytest.raises(ValueError, match=match):
         load_corpus(path)
 
 

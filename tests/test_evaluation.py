@@ -1,4 +1,4 @@
-"""evaluate / downstream_loss against direct computations, and the comparison's building blocks."""
+"""evaluate / downstream_loss against direct computations; compare and its statistics (adaptivek.frontier)."""
 
 from __future__ import annotations
 
@@ -8,18 +8,10 @@ import pytest
 import torch
 
 from adaptivek import TopKSAE
-from adaptivek.comparison import (
-    BatchTopKSAE,
-    TableKSAE,
-    _recon_stats,
-    bootstrap_counts,
-    compare,
-    interpolate,
-    load_results,
-    pareto_mask,
-    rank_match,
-)
+from adaptivek.comparison import CompareConfig, compare, load_results, rank_match
 from adaptivek.evaluation import downstream_loss, downstream_losses, evaluate
+from adaptivek.frontier import recon_stats, vs_frontier
+from adaptivek.stats import bootstrap_counts, interpolate, pareto_mask
 
 
 class Identity(torch.nn.Module):
@@ -169,34 +161,6 @@ def test_downstream_rejects_bad_input(tiny_neox):
 
 
 # ----------------------------------------------------------------------------- comparison pieces
-def test_batchtopk_keeps_k_times_batch_and_thresholds():
-    g = torch.Generator().manual_seed(0)
-    X = torch.randn(40, 16, generator=g)
-    sae = BatchTopKSAE(16, 64, 4, seed=0)
-    out = sae(X)  # a training-mode forward (grad enabled): k·B activations over the batch
-    assert int(out.l0.sum()) == 4 * 40
-    assert out.l0.float().std() > 0  # rows differ
-    assert torch.isfinite(sae.threshold)
-    sae.freeze(X)
-    with torch.no_grad():
-        pre = torch.relu((X - sae.b_dec) @ sae.W_enc + sae.b_enc)
-        codes = sae.encode(X)
-    assert torch.equal(codes != 0, pre > sae.threshold)
-    assert abs(int((codes != 0).sum()) - 4 * 40) <= 1  # calibrated on this very batch
-
-
-def test_tablek_looks_up_rows_and_refuses_strangers():
-    g = torch.Generator().manual_seed(0)
-    X = torch.randn(30, 8, generator=g)
-    k = torch.arange(30) % 5 + 1
-    sae = TableKSAE(8, 32, X, k, seed=0)
-    perm = torch.randperm(30, generator=g)
-    out = sae(X[perm])
-    assert torch.equal(out.k, k[perm])
-    with pytest.raises(ValueError, match="not in this TableKSAE"):
-        sae(X[:3] + 1e-3)
-
-
 def test_interpolation_pareto_and_rank_match():
     xp = torch.tensor([[10.0, 20.0, 40.0]])
     fp = torch.tensor([[0.1, 0.3, 0.5]])
@@ -215,7 +179,7 @@ def test_bootstrap_fve_equals_fve_of_the_resample():
     err = torch.rand(25, generator=g, dtype=torch.float64)
     W = bootstrap_counts(25, 4, seed=3)
     rows = {"sq_err": err, "cosine": err, "l2_ratio": err, "l0": err}
-    stats = _recon_stats(W, rows, X - X.mean(0))
+    stats = recon_stats(W, rows, X - X.mean(0))
     for r in range(4):
         idx = torch.repeat_interleave(torch.arange(25), W[r].long())  # the resampled rows
         Xr = X[idx]
@@ -223,14 +187,27 @@ def test_bootstrap_fve_equals_fve_of_the_resample():
         assert float(stats["fve"][r]) == pytest.approx(float(direct), rel=1e-10)
 
 
-def _small_compare(tmp_path, **kw):
+def test_vs_frontier_interpolates_per_replicate():
+    # two TopK points on a line in log L0; the point sits 0.05 above it on the full data, 0.1 on replicate 1
+    stats = {"topk_a": {"l0": torch.tensor([10.0, 10.0]), "fve": torch.tensor([0.5, 0.5])},
+             "topk_b": {"l0": torch.tensor([40.0, 40.0]), "fve": torch.tensor([0.7, 0.7])},
+             "p": {"l0": torch.tensor([20.0, 20.0]), "fve": torch.tensor([0.65, 0.7])}}
+    out = vs_frontier(stats, ["topk_b", "topk_a"], "p", "fve")  # the sweep's order does not matter
+    assert out["frontier"] == pytest.approx(0.6) and out["estimate"] == pytest.approx(0.05)
+    assert out["lo"] == pytest.approx(0.1) and out["hi"] == pytest.approx(0.1)  # one replicate
+    linear = vs_frontier(stats, ["topk_a", "topk_b"], "p", "fve", log=False)
+    assert linear["frontier"] == pytest.approx(0.5 + 0.2 / 3)
+
+
+def _small_compare(tmp_path, texts=True, **kw):
     g = torch.Generator().manual_seed(0)
     X = torch.randn(120, 16, generator=g) * 2 + 5
     y = (X[:, :4].sum(1) + torch.randn(120, generator=g)).double() / 2 + 5
-    texts = [f"text number {i} " + "word " * (i % 9) for i in range(120)]
-    args = dict(out=tmp_path / "results.json", texts_train=texts[:90], texts_test=texts[90:], d_sae=32, steps=4,
-                batch_size=32, topk_ks=(2, 4, 8), k_ranges=((2, 8),), n_boot=50, log=None)
-    return compare(X[:90], y[:90], X[90:], y[90:], **(args | kw))
+    t = [f"text number {i} " + "word " * (i % 9) for i in range(120)]
+    cfg = CompareConfig(**(dict(d_sae=32, steps=4, batch_size=32, topk_ks=(2, 4, 8), k_ranges=((2, 8),), n_boot=50)
+                           | kw))
+    return compare(X[:90], y[:90], X[90:], y[90:], out=tmp_path / "results.json", cfg=cfg,
+                   texts_train=t[:90] if texts else None, texts_test=t[90:] if texts else None, log=None)
 
 
 def test_compare_writes_results_json(tmp_path):
@@ -247,8 +224,17 @@ def test_compare_writes_results_json(tmp_path):
     assert set(res["vs_topk"]["adaptivek_2_8"]) == {"fve", "cosine", "mse"}
     assert len(res["by_complexity"]["bins"]) == 3
     assert res["downstream"]["skipped"]
+    assert "paper_k_range_ablation" not in res  # the chapter joins adaptivek.paper's table itself
     assert json.loads((tmp_path / "results.json").read_text()) == res
     assert set(comp.rows["sae"]) == set(res["saes"])
+    assert not any(sae.training for sae in comp.saes.values())  # every SAE is left in inference mode
+
+
+def test_compare_without_texts_skips_the_length_ablation(tmp_path):
+    res = _small_compare(tmp_path, texts=False, batchtopk="none", n_bins=2, interp="linear").results
+    assert res["skipped"] == {"length_k": "no texts given"}
+    assert {s["kind"] for s in res["saes"].values()} == {"topk", "adaptivek", "ablation"}
+    assert len(res["by_complexity"]["bins"]) == 2 and res["config"]["interp"] == "linear"
 
 
 def test_compare_leaves_no_partial_file_when_a_step_fails(tmp_path, monkeypatch):
@@ -262,7 +248,7 @@ def test_compare_leaves_no_partial_file_when_a_step_fails(tmp_path, monkeypatch)
         _small_compare(tmp_path)
     assert list(tmp_path.iterdir()) == []  # neither results.json nor a temporary file
     # and the atomic writer itself: a failure while serialising leaves the old file untouched
-    from adaptivek._io import write_json
+    from adaptivek.io import write_json
 
     target = tmp_path / "r.json"
     write_json(target, {"ok": 1})
@@ -272,16 +258,69 @@ def test_compare_leaves_no_partial_file_when_a_step_fails(tmp_path, monkeypatch)
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
 
 
-def test_compare_rejects_bad_input(tmp_path):
-    with pytest.raises(ValueError, match="NaN"):
-        g = torch.Generator().manual_seed(0)
-        X = torch.randn(20, 4, generator=g)
-        y = torch.rand(20, dtype=torch.float64)
-        y[3] = float("nan")
-        compare(X[:10], y[:10], X[10:], y[10:], out=tmp_path / "r.json", d_sae=8, topk_ks=(1, 2), k_ranges=((1, 2),))
-    with pytest.raises(ValueError, match="d_sae"):
-        compare(X[:10], torch.rand(10), X[10:], torch.rand(10), out=tmp_path / "r.json", d_sae=8, topk_ks=(1, 16),
-                k_ranges=((1, 2),))
+def test_compare_checks_the_output_path_before_training(tmp_path, monkeypatch):
+    import adaptivek.lineup
+
+    def no_training(*a, **k):
+        raise AssertionError("trained before checking the output path")
+
+    monkeypatch.setattr(adaptivek.lineup, "train_sae", no_training)
+    X = torch.randn(10, 4)
+    with pytest.raises(ValueError, match="is a directory"):
+        compare(X, torch.rand(10), X, torch.rand(10), out=tmp_path, cfg=CompareConfig(d_sae=8, topk_ks=(1, 2),
+                                                                                      k_ranges=((1, 2),)))
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"topk_ks": (2,)}, "at least 2 values"),
+    ({"topk_ks": (1, 16)}, "exceeds d_sae"),
+    ({"k_ranges": ()}, "k_ranges is empty"),
+    ({"k_ranges": ((4, 2),)}, "1 <= k_min <= k_max"),
+    ({"k_ranges": ((1, 9),)}, "d_sae=8"),
+    ({"ablation_range": (1, 3)}, "must be one of k_ranges"),
+    ({"batchtopk": "some"}, "batchtopk"),
+    ({"interp": "cubic"}, "interp"),
+    ({"scale": 0.0}, "scale"),
+    ({"scale": "big"}, "scale"),
+    ({"n_boot": 0}, "n_boot"),
+    ({"steps": 2.5}, "steps"),
+    ({"d_sae": True}, "d_sae"),
+], ids=["one-topk", "topk-above-d_sae", "no-k-range", "k-range-reversed", "k-range-above-d_sae",
+        "ablation-not-a-range", "batchtopk", "interp", "scale-zero", "scale-word", "n_boot", "steps-float",
+        "d_sae-bool"])
+def test_compare_config_rejects_bad_settings(kw, match):
+    with pytest.raises(ValueError, match=match):
+        CompareConfig(**({"d_sae": 8, "topk_ks": (1, 2), "k_ranges": ((1, 2),)} | kw))
+
+
+def _data(n=20, d=4):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, d, generator=g), torch.rand(n, generator=g, dtype=torch.float64)
+
+
+def _nan_label():
+    X, y = _data()
+    y[3] = float("nan")
+    return X[:10], y[:10], X[10:], y[10:], {}
+
+
+@pytest.mark.parametrize("case, exc, match", [
+    (_nan_label, ValueError, "NaN"),
+    (lambda: (_data()[0][:10, :3], torch.rand(10), _data()[0][10:], torch.rand(10), {}), ValueError, "shape"),
+    (lambda: (_data()[0][:10], torch.rand(9), _data()[0][10:], torch.rand(10), {}), ValueError, "paired row by row"),
+    (lambda: (_data()[0][:10], torch.rand(10), _data()[0][10:11], torch.rand(1), {}), ValueError, "at least 2 rows"),
+    (lambda: (_data()[0][:10].numpy(), torch.rand(10), _data()[0][10:], torch.rand(10), {}), TypeError, "X_train"),
+    (lambda: (_data()[0][:10], torch.rand(10), _data()[0][10:], torch.rand(10), {"texts_test": ["a"]}),
+     ValueError, "texts_test"),
+    (lambda: (_data()[0][:10], torch.rand(10), _data()[0][10:], torch.rand(10), {"lm": object()}),
+     ValueError, "lm, cfg.layer and texts_test"),
+], ids=["nan-label", "d-mismatch", "label-count", "one-test-row", "numpy-X", "text-count", "lm-without-layer"])
+def test_compare_rejects_bad_input(tmp_path, case, exc, match):
+    X_train, y_train, X_test, y_test, kw = case()
+    with pytest.raises(exc, match=match):
+        compare(X_train, y_train, X_test, y_test, out=tmp_path / "r.json", log=None,
+                cfg=CompareConfig(d_sae=8, topk_ks=(1, 2), k_ranges=((1, 2),)), **kw)
+    assert not (tmp_path / "r.json").exists()
 
 
 def test_sliding_window_model_and_text_order(tiny_gemma2):
@@ -301,9 +340,10 @@ def test_compare_with_downstream_loss(tmp_path, tiny_neox):
     texts = [" ".join(words[(i * j) % 10] for j in range(2 + i % 7)) + f" {i}" for i in range(48)]
     X = extract(tiny_neox, texts, 1, max_length=16, progress=False)
     y = torch.tensor([len(t) for t in texts], dtype=torch.float64) / 5
-    comp = compare(X[:36], y[:36], X[36:], y[36:], out=tmp_path / "r.json", texts_train=texts[:36],
-                   texts_test=texts[36:], d_sae=32, steps=3, batch_size=16, topk_ks=(2, 4, 8), k_ranges=((2, 8),),
-                   n_boot=20, lm=tiny_neox, layer=1, max_length=16, n_ce=12, ce_batch_size=5, log=None)
+    cfg = CompareConfig(d_sae=32, steps=3, batch_size=16, topk_ks=(2, 4, 8), k_ranges=((2, 8),), n_boot=20, layer=1,
+                        max_length=16, n_ce=12, ce_batch_size=5)
+    comp = compare(X[:36], y[:36], X[36:], y[36:], out=tmp_path / "r.json", cfg=cfg, texts_train=texts[:36],
+                   texts_test=texts[36:], lm=tiny_neox, log=None)
     res = comp.results
     ds = res["downstream"]
     assert ds["n"] == 12 and ds["ce_ablate"] != ds["ce_clean"]
@@ -313,3 +353,5 @@ def test_compare_with_downstream_loss(tmp_path, tiny_neox):
     assert res["saes"][btk]["ce"]["l0_mean"] == pytest.approx(res["saes"][btk]["k"], abs=1.0)  # batch rule per batch
     assert res["saes"]["shuffled_k"]["ce"]["l0_mean"] <= 8  # the ablation's k reached the splice
     assert {"ce", "frac_recovered"} <= set(res["vs_topk"]["adaptivek_2_8"])
+    assert {"ce", "frac_recovered"} <= set(res["ablations"]["minus"]["shuffled_k"])
+    assert set(res["frontier"]) == {"fve", "cosine", "mse", "ce", "frac_recovered"}

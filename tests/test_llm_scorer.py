@@ -130,13 +130,14 @@ def test_timeout_gives_nan_not_zero(server, tmp_path):
     assert not list((tmp_path / "cache").rglob("*.json"))  # failures are not cached
 
 
-def test_broken_json_and_out_of_range_give_nan(server, tmp_path):
+@pytest.mark.parametrize("mode, text, reason", [
+    ("broken", "broken reply", "malformed JSON"),
+    ("range", "out of range", "outside [0, 10]"),
+])
+def test_broken_json_and_out_of_range_give_nan(server, tmp_path, mode, text, reason):
     with pytest.warns(UserWarning):
-        broken = _scorer(server, "broken", tmp_path).score(["broken reply"])
-    assert math.isnan(broken.loc[0, "complexity"]) and "malformed JSON" in broken.loc[0, "error"]
-    with pytest.warns(UserWarning):
-        bad = _scorer(server, "range", tmp_path).score(["out of range"])
-    assert math.isnan(bad.loc[0, "complexity"]) and "outside [0, 10]" in bad.loc[0, "error"]
+        df = _scorer(server, mode, tmp_path).score([text])
+    assert math.isnan(df.loc[0, "complexity"]) and reason in df.loc[0, "error"]
 
 
 def test_reference_format_and_fences_are_parsed(server, tmp_path):
@@ -159,11 +160,29 @@ def test_unreachable_server_gives_nan(tmp_path):
     assert math.isnan(df.loc[0, "complexity"])
 
 
-def test_parse_scores_rejects_bad_values():
+def test_parse_scores_accepts_good_values():
     assert parse_scores(json.dumps(GOOD))[0] == GOOD
-    assert parse_scores("[1, 2]")[1].startswith("reply is JSON list")
-    assert "missing" in parse_scores(json.dumps({k: v for k, v in GOOD.items() if k != "logical"}))[1]
-    assert "non-numeric" in parse_scores(json.dumps({**GOOD, "logical": "high"}))[1]
-    assert "outside" in parse_scores(json.dumps({**GOOD, "logical": -1}))[1]
-    with pytest.raises(TypeError, match="single string"):
-        LLMScorer("http://x/v1", "m").score("one string")
+
+
+@pytest.mark.parametrize("reply, reason", [
+    ("[1, 2]", "reply is JSON list"),
+    (json.dumps({k: v for k, v in GOOD.items() if k != "logical"}), "missing"),
+    (json.dumps({**GOOD, "logical": "high"}), "non-numeric"),
+    (json.dumps({**GOOD, "logical": -1}), "outside"),
+], ids=["list", "missing", "non_numeric", "outside"])
+def test_parse_scores_rejects_bad_values(reply, reason):
+    scores, err = parse_scores(reply)
+    assert scores is None and reason in err
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"texts": "one string"}, "single string"),
+    ({"texts": ["ok", 3]}, r"texts\[1\] is a int"),
+    ({"concurrency": 0}, "concurrency must be an int >= 1"),
+    ({"max_retries": -1}, "max_retries must be an int >= 0"),
+    ({"timeout": 0.0}, "timeout must be a finite number"),
+], ids=["single_string", "not_a_str", "concurrency", "max_retries", "timeout"])
+def test_bad_arguments_are_refused(kw, match):
+    texts = kw.pop("texts", None)
+    with pytest.raises(TypeError if texts is not None else ValueError, match=match):
+        LLMScorer("http://x/v1", "m", **kw).score(texts)

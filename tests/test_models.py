@@ -62,11 +62,13 @@ def test_missing_local_path_is_named():
         adaptivek.load_model("./no/such/dir")
 
 
-def test_bad_dtype_and_empty_name():
-    with pytest.raises(ValueError, match="unknown dtype"):
-        adaptivek.load_model("smollm2-135m", dtype="float99")
-    with pytest.raises(ValueError, match="non-empty string"):
-        adaptivek.load_model("")
+@pytest.mark.parametrize("name, kw, match", [
+    ("smollm2-135m", {"dtype": "float99"}, "unknown dtype"),
+    ("", {}, "non-empty string"),
+], ids=["bad_dtype", "empty_name"])
+def test_bad_dtype_and_empty_name(name, kw, match):
+    with pytest.raises(ValueError, match=match):
+        adaptivek.load_model(name, **kw)
 
 
 def test_conversion_cache_survives_an_interrupted_first_run(tmp_path, monkeypatch):

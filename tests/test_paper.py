@@ -1,21 +1,22 @@
-"""adaptivek.paper: the paper's settings against our profiles, and reading runs back for chapter 6."""
+"""adaptivek.paper: the paper's settings against our profiles, the deviations list, and citations that resolve."""
 
 from __future__ import annotations
 
-import json
+import re
+import subprocess
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
-from adaptivek import book, paper
+from adaptivek import book, paper, report
 
 ROOT = Path(__file__).resolve().parents[1]
+APPENDIX = ROOT / "book" / "reference_code.md"
 
 
 @pytest.mark.parametrize("name", ["pythia-70m", "pythia-160m", "gemma-2-2b"])
 def test_paper_profiles_run_every_chapter_with_the_papers_settings(name):
-    table = paper.profile_vs_paper(book.effective_parameters(name, ROOT)).set_index("setting")
+    table = report.profile_vs_paper(book.effective_parameters(name, ROOT)).set_index("setting")
     differs = set(table.index[~table["same"]])
     # the labels are the one thing an offline default cannot copy (GPT-4.1-mini); everything else must match
     assert differs == {"complexity labels"}, table[~table["same"]]
@@ -24,14 +25,14 @@ def test_paper_profiles_run_every_chapter_with_the_papers_settings(name):
 
 
 def test_dry_runs_keep_the_architecture_and_sizes_but_not_the_data_scale():
-    table = paper.profile_vs_paper(book.effective_parameters("gemma-2-2b", ROOT, dry_run=True)).set_index("setting")
+    table = report.profile_vs_paper(book.effective_parameters("gemma-2-2b", ROOT, dry_run=True)).set_index("setting")
     assert table.loc["model", "profile"] == "random:google/gemma-2-2b" and table.loc["model", "same"]
     assert table.loc[["dictionary size", "k range", "dtype", "SAE layer"], "same"].all()
     assert not table.loc["contexts (train + test)", "same"]
 
 
 def test_quick_profile_is_reported_as_scaled_down():
-    table = paper.profile_vs_paper(book.effective_parameters("quick", ROOT)).set_index("setting")
+    table = report.profile_vs_paper(book.effective_parameters("quick", ROOT)).set_index("setting")
     assert table.loc["model", "profile"] == "smollm2-135m" and not table.loc["model", "same"]
     assert table.loc["dictionary size", "profile"] == "4 x d_model"  # from the chapter's own default
 
@@ -48,47 +49,56 @@ def test_parameter_defaults_reads_literals_and_skips_expressions(tmp_path):
 
 def test_every_deviation_names_a_real_chapter_and_says_why():
     chapters = {p.stem for p in book.toc_chapters(ROOT)}
-    table = paper.deviations_table()
+    table = report.deviations_table()
     assert len(table) == len(paper.DEVIATIONS) >= 10
     for d in paper.DEVIATIONS:
         assert d.where in chapters, d
         assert all(len(getattr(d, f)) > 3 for f in ("topic", "reference", "ours", "why")), d
+        assert d.kind in paper.DEVIATION_KINDS, d
+        assert "flaw" not in d.why, d  # the flaw is a field, explained in the appendix, not a bare "flaw N"
     assert table["topic"].is_unique
     assert set(table["kind"]) == set(paper.DEVIATION_KINDS)
     assert list(table["kind"].cat.codes) == sorted(table["kind"].cat.codes)  # grouped, in DEVIATION_KINDS order
 
 
-def test_find_and_collect_results_from_a_real_compare_run(tmp_path):
-    import torch
+def _appendix_flaws() -> set[int]:
+    """The numbers of the appendix's numbered flaw list (section 3)."""
+    text = APPENDIX.read_text()
+    section = text[text.index("## 3. The flaws"):text.index("## 4.")]
+    return {int(n) for n in re.findall(r"^(\d+)\. \*\*", section, flags=re.M)}
 
-    from adaptivek.comparison import compare
 
-    run = tmp_path / "artifacts" / "quick"
-    g = torch.Generator().manual_seed(0)
-    X = torch.randn(120, 16, generator=g) * 2 + 5
-    y = (X[:, :4].sum(1) + torch.randn(120, generator=g)).double() / 2 + 5
-    compare(X[:90], y[:90], X[90:], y[90:], out=run / "comparison" / "results.json", d_sae=32, steps=4,
-            batch_size=32, topk_ks=(2, 4, 8), k_ranges=((2, 8),), n_boot=50, batchtopk="none", log=None)
-    (run / "linear_encoding").mkdir()
-    (run / "linear_encoding" / "summary.json").write_text(json.dumps(
-        {"best_layer": 7, "best": {"pearson": 0.7, "spearman": 0.6, "rmse": 1.0, "r2": 0.4, "lambda_": 10.0},
-         "label_source": "rubric", "n_train": 90}))
-    pd.DataFrame({"layer": [6, 7], "pearson_lo": [0.1, 0.65], "pearson_hi": [0.2, 0.75]}).to_csv(
-        run / "linear_encoding" / "layer_sweep.csv", index=False)
-    (tmp_path / "artifacts" / "gemma-2-2b-dry").mkdir()
+def test_the_appendix_numbers_every_flaw_a_deviation_cites():
+    flaws = _appendix_flaws()
+    assert flaws == set(range(1, 13))
+    cited = {d.flaw for d in paper.DEVIATIONS if d.flaw is not None}
+    assert cited <= flaws and {1, 2, 3, 4, 5, 6, 7, 8, 9, 10} <= cited
+    assert "https://arxiv.org/abs/2508.17320" in APPENDIX.read_text()
+    assert "https://github.com/hiyukie/adaptiveK" in APPENDIX.read_text()
+    assert "book/reference_code" in (ROOT / "_toc.yml").read_text()
+    assert "book/reference_code.md" in (ROOT / "docs" / "reference-code.md").read_text()
 
-    runs = paper.find_runs(tmp_path / "artifacts").set_index("run")
-    assert runs.loc["quick", "comparison"] and runs.loc["quick", "probe"] and not runs.loc["quick", "dry_run"]
-    assert runs.loc["gemma-2-2b-dry", "dry_run"] and runs.loc["gemma-2-2b-dry", "profile"] == "gemma-2-2b"
-    assert not runs.loc["gemma-2-2b-dry", "comparison"]
 
-    got = paper.collect_results(run)
-    assert got["probe"]["layer"] == 7 and (got["probe"]["pearson_lo"], got["probe"]["pearson_hi"]) == (0.65, 0.75)
-    res = json.loads((run / "comparison" / "results.json").read_text())
-    (ada,) = got["adaptivek"]
-    assert (ada["sae"], ada["k_min"], ada["k_max"]) == ("adaptivek_2_8", 2, 8)
-    assert ada["fve"] == res["saes"]["adaptivek_2_8"]["metrics"]["fve"]
-    assert ada["dfve_vs_topk"] == res["vs_topk"]["adaptivek_2_8"]["fve"]["estimate"]
-    assert [t["sae"] for t in got["topk"]] == ["topk_2", "topk_4", "topk_8"]
-    assert paper.collect_results(tmp_path / "artifacts" / "gemma-2-2b-dry")["adaptivek"] is None
-    assert paper.find_runs(tmp_path / "nowhere").empty
+def _tracked_text_files() -> list[Path]:
+    try:
+        out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    keep = (".py", ".md", ".ipynb", ".yaml", ".yml", ".toml", ".txt", ".cfg")
+    return [ROOT / f for f in out if f.endswith(keep) and (ROOT / f).is_file()]
+
+
+def test_citations_resolve_inside_the_repository():
+    """Nothing cites a file outside the repository; every "flaw N" is one the appendix numbers."""
+    flaws = _appendix_flaws()
+    problems = []
+    for path in _tracked_text_files():
+        text = path.read_text(errors="replace")
+        rel = path.relative_to(ROOT)
+        if rel == Path("tests/test_paper.py"):
+            continue
+        problems += [f"{rel}: cites {m}" for m in re.findall(r"reference/paper\.md|/work/shared|shared/reference", text)]
+        problems += [f"{rel}: flaw {n} is not in the appendix" for n in re.findall(r"flaws? (\d+)", text)
+                     if int(n) not in flaws]
+    assert not problems, "\n".join(problems)

@@ -14,9 +14,18 @@ from adaptivek.linear_encoding import (
     length_features,
     onestop_transfer,
     permutation_null,
-    split_indices,
 )
-from adaptivek.probe import RidgeProbe, bootstrap_ci, complexity_to_k, pearson, rankdata, spearman
+from adaptivek.probe import LAMBDAS, RidgeProbe, complexity_to_k, fit_many
+from adaptivek.stats import (
+    bootstrap_ci,
+    drop_nan_pairs,
+    kfold_indices,
+    pearson,
+    rankdata,
+    spearman,
+    split_indices,
+    validation_folds,
+)
 
 sk_linear = pytest.importorskip("sklearn.linear_model")
 from sklearn.model_selection import KFold  # noqa: E402
@@ -68,7 +77,7 @@ def test_gram_route_and_standardize_match_sklearn(monkeypatch):
 def test_cv_picks_lowest_mean_validation_rmse():
     X, y = _data(n=80, d=60, noise=4.0, seed=1)  # few samples, many features: the grid matters
     splits = list(KFold(n_splits=5, shuffle=True, random_state=0).split(X))
-    grid = pr.LAMBDAS
+    grid = LAMBDAS
     want = np.zeros(len(grid))  # independent: sklearn Ridge per fold, clamped to the fold's label range
     for tr, va in splits:
         for j, lam in enumerate(grid):
@@ -82,7 +91,7 @@ def test_cv_picks_lowest_mean_validation_rmse():
     assert _rel(p.weight, full.coef_) < 1e-6
     # an int number of folds is the same as passing kfold_indices explicitly
     a = RidgeProbe.fit(X, y, folds=5, seed=3)
-    b = RidgeProbe.fit(X, y, folds=pr.kfold_indices(len(y), 5, seed=3))
+    b = RidgeProbe.fit(X, y, folds=kfold_indices(len(y), 5, seed=3))
     assert torch.equal(a.cv_rmse, b.cv_rmse) and a.cv_rmse_folds.shape == (5, len(grid))
 
 
@@ -136,12 +145,21 @@ def test_save_load_round_trip_exact(tmp_path):
     assert torch.equal(p.predict(X), q.predict(X))
     emb = {"sae.W": torch.zeros(2), **p.to_tensors(prefix="probe.")}  # embedded in another file's dict
     assert torch.equal(RidgeProbe.from_tensors(emb, prefix="probe.").weight, p.weight)
-    with pytest.raises(KeyError, match="not a saved RidgeProbe"):
-        RidgeProbe.from_tensors({"sae.W": torch.zeros(2)})
-    with pytest.raises(FileNotFoundError, match="no saved probe"):
-        RidgeProbe.load(tmp_path / "nothing")
-    with pytest.raises(RuntimeError, match="not fitted"):
-        RidgeProbe().predict(X)
+
+
+@pytest.mark.parametrize("case, exc, match", [
+    ("not_a_probe", KeyError, "not a saved RidgeProbe"),
+    ("no_files", FileNotFoundError, "no saved probe"),
+    ("unfitted", RuntimeError, "not fitted"),
+])
+def test_probe_io_errors(tmp_path, case, exc, match):
+    with pytest.raises(exc, match=match):
+        if case == "not_a_probe":
+            RidgeProbe.from_tensors({"sae.W": torch.zeros(2)})
+        elif case == "no_files":
+            RidgeProbe.load(tmp_path / "nothing")
+        else:
+            RidgeProbe().predict(np.zeros((2, 3)))
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -251,8 +269,47 @@ def test_bootstrap_ci_vectorised_equals_loop_and_covers():
     s = bootstrap_ci(lambda x, y: float(pearson(x, y)), a, b, n_boot=300, seed=1, vectorized=False)
     assert np.allclose(v, s)
     assert v.lo < v.estimate < v.hi and v.hi - v.lo < 0.4
-    with pytest.raises(ValueError, match="different lengths"):
-        bootstrap_ci(pearson, a, b[:-1])
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"short_b": True}, "different lengths"),
+    ({"n_boot": 0}, "n_boot must be an int >= 1"),
+    ({"alpha": 1.0}, "alpha must be a finite number in"),
+])
+def test_bootstrap_ci_bad_input(kw, match):
+    a = np.arange(10.0)
+    b = a[:-1] if kw.pop("short_b", False) else a
+    with pytest.raises(ValueError, match=match):
+        bootstrap_ci(pearson, a, b, **kw)
+
+
+def test_spearman_omitting_nan_pairs():
+    from scipy import stats
+
+    rng = np.random.default_rng(1)
+    a, b = rng.integers(0, 5, size=60).astype(float), rng.normal(size=60)
+    a[::7], b[3::11] = np.nan, np.nan
+    keep = ~(np.isnan(a) | np.isnan(b))
+    got = float(spearman(a, b, nan_policy="omit"))
+    assert np.isclose(got, stats.spearmanr(a[keep], b[keep]).statistic)
+    x, z = drop_nan_pairs(a, b)
+    assert len(x) == len(z) == keep.sum() and not (x.isnan().any() or z.isnan().any())
+    assert np.isnan(float(spearman([1.0, 2.0, np.nan, 4.0], [2.0, 1.0, 3.0, np.nan], nan_policy="omit")))  # < 3 pairs
+    with pytest.raises(ValueError, match="nan_policy must be one of"):
+        spearman(a, b, nan_policy="drop")
+
+
+@pytest.mark.parametrize("folds, exc, match", [
+    (True, TypeError, "got a bool"),
+    (1, ValueError, "folds must be >= 2"),
+    (30, ValueError, r"fewer samples \(20\) than folds \(30\)"),
+    ([[0, 1, 2]], ValueError, "need at least 2 folds"),
+    ([[0, 1], []], ValueError, "fold 1 must hold between 1 and 19 indices"),
+    ([[0, 1], [19, 20]], ValueError, r"fold 1 must hold .* in \[19, 20\]"),
+])
+def test_validation_folds_bad_input(folds, exc, match):
+    with pytest.raises(exc, match=match):
+        validation_folds(folds, 20)
 
 
 # ----------------------------------------------------------------------------- layer sweep and controls
@@ -355,7 +412,7 @@ def test_fit_many_equals_separate_fits():
     X, y = _data(n=90, d=12, noise=3.0)
     rng = np.random.default_rng(1)
     Y = np.stack([y, rng.permutation(y), y * 2 + 1], 1)
-    many = pr.fit_many(X, Y, folds=4, seed=2, standardize=True)
+    many = fit_many(X, Y, folds=4, seed=2, standardize=True)
     for j, p in enumerate(many):
         q = RidgeProbe.fit(X, Y[:, j], folds=4, seed=2, standardize=True)
         assert p.lambda_ == q.lambda_ and torch.allclose(p.cv_rmse, q.cv_rmse, rtol=1e-10)

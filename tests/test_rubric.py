@@ -11,7 +11,8 @@ import pytest
 
 from adaptivek.complexity import CALIBRATION_PATH, COLUMNS, DIMENSIONS, RubricScorer
 from adaptivek.corpus import load_corpus
-from adaptivek.validation import auroc, ordered_share, spearman, validate_onestop
+from adaptivek.stats import auroc, ordered_share, spearman
+from adaptivek.validation import validate_onestop
 
 SIMPLE = "The cat sat on the mat. It was a sunny day. The dog ran to the cat. They played in the sun."
 HARD = ("Notwithstanding the heterogeneity of epistemological frameworks, the constitutive indeterminacy of "
@@ -74,10 +75,13 @@ def test_non_english_and_binary_do_not_crash(scorer):
     assert ((df.dropna() >= 0) & (df.dropna() <= 10)).all(axis=None)
     assert df.iloc[[0, 1, 2, 4, 6]].notna().all(axis=None)
     assert by_bytes["complexity"].notna().all()
-    with pytest.raises(TypeError, match="single string"):
-        scorer.score(SIMPLE)
-    with pytest.raises(TypeError, match=r"texts\[1\] is a int"):
-        scorer.score([SIMPLE, 3])
+
+
+@pytest.mark.parametrize("texts, match", [(SIMPLE, "single string"), ([SIMPLE, 3], r"texts\[1\] is a int")],
+                         ids=["single_string", "not_a_str"])
+def test_bad_texts_are_refused(scorer, texts, match):
+    with pytest.raises(TypeError, match=match):
+        scorer.score(texts)
 
 
 def test_calibration_fit_and_errors(tmp_path, sample):
@@ -86,19 +90,30 @@ def test_calibration_fit_and_errors(tmp_path, sample):
     assert json.loads(path.read_text()) == cal
     df = RubricScorer(path).score(sample)
     assert abs(df["complexity"].median() - 5) < 1  # centred on the data it was fitted on
-    with pytest.raises(ValueError, match="at least 100"):
-        RubricScorer.fit_calibration(sample[:20], None)
-    with pytest.raises(ValueError, match="version"):
-        RubricScorer({**cal, "version": -1})
-    with pytest.raises(FileNotFoundError, match="python -m adaptivek.complexity"):
-        RubricScorer(tmp_path / "missing.json")
     packaged = json.loads(CALIBRATION_PATH.read_text())
     assert packaged["source"].startswith("embedded corpus") and packaged["n_texts"] > 20_000
 
 
+@pytest.mark.parametrize("case, exc, match", [
+    ("too_few_texts", ValueError, "at least 100"),
+    ("wrong_version", ValueError, "version"),
+    ("missing_file", FileNotFoundError, "python -m adaptivek.complexity"),
+])
+def test_calibration_errors(tmp_path, sample, case, exc, match):
+    with pytest.raises(exc, match=match):
+        if case == "too_few_texts":
+            RubricScorer.fit_calibration(sample[:20], None)
+        elif case == "wrong_version":
+            RubricScorer({**json.loads(CALIBRATION_PATH.read_text()), "version": -1})
+        else:
+            RubricScorer(tmp_path / "missing.json")
+
+
 def test_metrics():
-    assert spearman([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
-    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert float(spearman([1, 2, 3, 4], [10, 20, 30, 45], nan_policy="omit")) == pytest.approx(1.0)
+    assert float(spearman([1, 2, 3, 4], [4, 3, 2, 1], nan_policy="omit")) == pytest.approx(-1.0)
+    assert float(spearman([1, 2, 3, 4, 5], [4, 3, float("nan"), 2, 1], nan_policy="omit")) == pytest.approx(-1.0)
+    assert auroc([0.1, 0.2, float("nan"), 0.8, 0.9], [0, 0, 1, 1, 1]) == 1.0  # NaN scores dropped
     assert auroc([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 1.0
     assert auroc([0.5, 0.5], [0, 1]) == 0.5
     assert ordered_share([1, 2, 3, 3, 2, 1], [0, 1, 2, 0, 1, 2], ["a", "a", "a", "b", "b", "b"]) == 0.5

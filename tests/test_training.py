@@ -1,19 +1,17 @@
-"""train_sae: recovery of a known dictionary, the three AdaptiveK phases, resume, faithful k gradient."""
+"""train_sae: recovery of a known dictionary, the three AdaptiveK phases, per-row k, resume, faithful k gradient."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from conftest import _close
 
+from adaptivek import fused
+from adaptivek.probe import RidgeProbe
 from adaptivek.sae import AdaptiveKSAE, TopKSAE
-from adaptivek.training import TrainConfig, _update_delta, lr_factor, train_sae
-
-
-def _close(a, b, rtol=1.3e-6, atol=1e-5):
-    """assert_close without importing torch.testing (seconds of import time on a busy machine)."""
-    assert a.shape == b.shape, (a.shape, b.shape)
-    assert torch.allclose(a, b, rtol=rtol, atol=atol), f"max abs diff {(a - b).abs().max().item():.3g}"
-
+from adaptivek.training import JointProbe, TrainConfig, _Batches, lr_factor, train_sae
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -56,19 +54,15 @@ def test_recovers_a_known_sparse_dictionary():
 
 @pytest.mark.parametrize("kind", ["topk", "adaptivek"])
 def test_bf16_autocast_trains_in_float32_with_a_bf16_encoder_matmul(kind, monkeypatch):
-    import adaptivek.sae as sae_mod
-
     X, D, _ = _dictionary_data()
     seen = []
-    real = sae_mod._addmm
-    monkeypatch.setattr(sae_mod, "_addmm", lambda b, x, W, dt=None: seen.append(
+    real = fused._addmm
+    monkeypatch.setattr(fused, "_addmm", lambda b, x, W, dt=None: seen.append(
         dt or (torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)) or real(b, x, W, dt))
     if kind == "topk":
         sae, y = TopKSAE(32, 64, 4, seed=0), None
     else:  # k from a probe of a label that tracks the number of atoms' total magnitude
         sae, y = AdaptiveKSAE(32, 64, k_min=2, k_max=8, seed=0), X.norm(dim=1)
-    import copy
-
     sae32 = copy.deepcopy(sae)
     cfg = TrainConfig(steps=200, batch_size=256, lr=1e-2, autocast="bfloat16", phase_ratio=0.9)
     sae, hist = train_sae(sae, X, y, cfg=cfg, progress=False)
@@ -107,8 +101,6 @@ def test_faithful_mode_gives_the_probe_no_gradient_from_the_sae():
         sae = AdaptiveKSAE(16, 64, k_min=2, k_max=20, seed=0)
         sae, _ = train_sae(sae, X, y, _small_cfg(probe_weight=0.0, k_gradient=mode, fit_probe=True),
                            progress=False)
-        from adaptivek.probe import RidgeProbe
-
         w0 = RidgeProbe.fit(X, y, folds=3).weight
         moved[mode] = float((sae.probe.weight - w0).abs().max())
     assert moved["none"] < 1e-6  # only float32 round-off of the float64 fit
@@ -117,8 +109,6 @@ def test_faithful_mode_gives_the_probe_no_gradient_from_the_sae():
 
 def test_faithful_sae_loss_has_no_path_to_the_probe():
     X, y = _complexity_data(n=200)
-    from adaptivek.probe import RidgeProbe
-
     sae = AdaptiveKSAE(16, 64, RidgeProbe.fit(X, y, folds=3), k_min=2, k_max=20, seed=0)
     w = sae.probe.weight.float().requires_grad_(True)
     pred = (X @ w + sae.probe.bias.float()).clamp(0, 10)
@@ -160,33 +150,78 @@ def test_lr_schedule_and_deviation_rule():
     assert f[0] == pytest.approx(0.1) and f[9] == 1.0 and f[50] == 1.0
     assert f[80] == pytest.approx(1.0) and f[99] == pytest.approx(0.05) and f[90] < f[85]
     cfg = TrainConfig()
-    ps = {"delta": 0.2, "losses": []}
+    jp = JointProbe.start(torch.zeros(4), torch.zeros(()), cfg)
+    assert jp.delta == 0.2 and jp.w.requires_grad and not jp.w0.requires_grad
     for loss in (1.0, 0.9, 0.8):  # fell 20 % over 3 steps -> relax
-        _update_delta(ps, loss, cfg)
-    assert ps["delta"] == pytest.approx(0.16)
+        jp.update_delta(loss, cfg)
+    assert jp.delta == pytest.approx(0.16)
     for loss in [0.8] * 20:  # stalled -> tighten, capped at 0.5
-        _update_delta(ps, loss, cfg)
-    assert ps["delta"] == 0.5
+        jp.update_delta(loss, cfg)
+    assert jp.delta == 0.5
 
 
-def test_bad_training_inputs():
+def test_joint_probe_write_back_and_state_round_trip():
+    X, y = _complexity_data(n=200)
+    sae = AdaptiveKSAE(16, 64, RidgeProbe.fit(X, y, folds=3), k_min=2, k_max=20, seed=0)
+    cfg = TrainConfig()
+    jp = JointProbe.of(sae, cfg)
+    terms = jp.loss(X[:32], y[:32], sae.probe, cfg)
+    _close(terms.pred, sae.probe.predict(X[:32]).float())
+    assert terms.deviation.item() == 0.0
+    terms.loss.backward()
+    jp.step(terms.loss.item(), 1e-2, cfg)
+    back = JointProbe.from_state(copy.deepcopy(jp.state_dict()), cfg)
+    assert torch.equal(back.w, jp.w) and back.delta == jp.delta and back.losses == jp.losses
+    jp.write_back(sae)
+    assert sae.probe.weight.dtype == torch.float64 and torch.equal(sae.probe.weight, jp.w.detach().double())
+
+
+def test_training_with_a_k_per_row():
+    X, _, _ = _dictionary_data(n=1000)
+    cfg = TrainConfig(steps=6, batch_size=128, log_every=1)
+    same, _ = train_sae(TopKSAE(32, 64, 4, seed=0), X, cfg=cfg, k=torch.full((1000,), 4), progress=False)
+    ref, _ = train_sae(TopKSAE(32, 64, 4, seed=0), X, cfg=cfg, progress=False)
+    for name, v in ref.state_dict().items():  # a constant k per row is TopK itself
+        assert torch.equal(v, same.state_dict()[name]), name
+    k = torch.arange(1000) % 7 + 1
+    _, hist = train_sae(TopKSAE(32, 64, 7, seed=0), X, cfg=cfg, k=k, progress=False)
+    batches = _Batches(1000, 128, cfg.seed)
+    want = [float(k[batches(s)].float().mean()) for s in range(6)]
+    assert hist["k_mean"].tolist() == pytest.approx(want) and (hist["k_min"] == 1).all()
+
+
+def test_adaptivek_with_given_k_uses_it_in_phase_2_only():
+    X, y = _complexity_data(n=600)
+    k = torch.arange(600) % 3 + 2  # 2, 3, 4: unlike the probe's k in [2, 20]
+    _, hist = train_sae(AdaptiveKSAE(16, 64, k_min=2, k_max=20, seed=0), X, y, _small_cfg(), k=k, progress=False)
+    p2, p3 = hist[hist.phase == 2], hist[hist.phase == 3]
+    assert (p2["k_min"] >= 2).all() and (p2["k_max"] <= 4).all()
+    assert (p3["k_max"] > 4).all()  # the live probe again
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda X, y: train_sae(AdaptiveKSAE(16, 64, k_min=2, k_max=20), X, y[:99], _small_cfg(), progress=False),
+     ValueError, "labels have the wrong length: y has 99 entries but X has 100"),
+    (lambda X, y: train_sae(AdaptiveKSAE(16, 64, k_min=2, k_max=20), X, None, _small_cfg(), progress=False),
+     ValueError, "needs the complexity labels"),
+    (lambda X, y: train_sae(AdaptiveKSAE(16, 64, k_min=2, k_max=20), X, y.index_fill(0, torch.tensor([7]), float("nan")),
+                            _small_cfg(), progress=False), ValueError, r"y contains NaN or inf in 1 row\(s\) \(first: \[7\]\)"),
+    (lambda X, y: train_sae(TopKSAE(16, 64, 4), X.index_fill(0, torch.tensor([3]), float("nan")), cfg=_small_cfg(),
+                            progress=False), ValueError, r"X contains NaN or inf in 1 row\(s\) \(first: \[3\]\)"),
+    (lambda X, y: train_sae(TopKSAE(16, 64, 4), X[:, :8], cfg=_small_cfg(), progress=False),
+     ValueError, r"shape \[n, d_in=16\]"),
+    (lambda X, y: train_sae(TopKSAE(16, 64, 4), X.numpy(), cfg=_small_cfg(), progress=False),
+     TypeError, "X must be a torch.Tensor"),
+    (lambda X, y: train_sae(TopKSAE(16, 64, 4), X, cfg=_small_cfg(), k=torch.ones(99, dtype=torch.long),
+                            progress=False), ValueError, r"k must be an integer tensor \[n=100\]"),
+    (lambda X, y: train_sae(TopKSAE(16, 64, 4), X, cfg=_small_cfg(), k=torch.full((100,), 65), progress=False),
+     ValueError, r"k must lie in \[1, d_sae=64\]"),
+    (lambda X, y: TrainConfig(phase_ratio=0.0), ValueError, "phase_ratio"),
+    (lambda X, y: TrainConfig(k_gradient="soft"), ValueError, "k_gradient"),
+    (lambda X, y: TrainConfig(batch_size=0), ValueError, "batch_size"),
+], ids=["y-length", "y-missing", "y-nan", "x-nan", "x-width", "x-numpy", "k-length", "k-range", "phase_ratio",
+        "k_gradient", "batch_size"])
+def test_bad_training_inputs(call, error, match):
     X, y = _complexity_data(n=100)
-    sae = AdaptiveKSAE(16, 64, k_min=2, k_max=20)
-    with pytest.raises(ValueError, match="labels have the wrong length: y has 99 entries but X has 100"):
-        train_sae(sae, X, y[:99], _small_cfg(), progress=False)
-    with pytest.raises(ValueError, match="needs the complexity labels"):
-        train_sae(sae, X, None, _small_cfg(), progress=False)
-    y_nan = y.clone()
-    y_nan[7] = float("nan")
-    with pytest.raises(ValueError, match=r"y contains NaN or inf at 1 row\(s\) \(first: \[7\]\)"):
-        train_sae(sae, X, y_nan, _small_cfg(), progress=False)
-    X_nan = X.clone()
-    X_nan[3, 0] = float("nan")
-    with pytest.raises(ValueError, match=r"X contains NaN or inf in 1 row\(s\) \(first: \[3\]\)"):
-        train_sae(TopKSAE(16, 64, 4), X_nan, cfg=_small_cfg(), progress=False)
-    with pytest.raises(ValueError, match=r"shape \[n, d_in=16\]"):
-        train_sae(TopKSAE(16, 64, 4), X[:, :8], cfg=_small_cfg(), progress=False)
-    with pytest.raises(ValueError, match="phase_ratio"):
-        TrainConfig(phase_ratio=0.0)
-    with pytest.raises(ValueError, match="k_gradient"):
-        TrainConfig(k_gradient="soft")
+    with pytest.raises(error, match=match):
+        call(X, y)

@@ -1,0 +1,159 @@
+"""The SAEs of a comparison, trained on equal terms: one function per kind.
+
+A :class:`Lineup` holds the (scaled) training and test vectors, the one :class:`TrainConfig` that every
+SAE shares (same dictionary size, steps, batch order and initial weights) and every SAE trained so far,
+with what :func:`~adaptivek.comparison.compare` reports about it. Each ``train_*`` function adds one
+kind of SAE, so a new baseline is one more such function:
+
+* :func:`train_topk_sweep`: TopK at several k, the frontier every other SAE is measured against;
+* :func:`train_adaptivek`: AdaptiveK per ``(k_min, k_max)``, each from the same phase-1 probe;
+* :func:`train_batchtopk`: BatchTopK at AdaptiveK's mean k; it also varies the number of active latents
+  per input, but learns how from the data instead of from a complexity probe;
+* :func:`train_ablations`: TopK SAEs given AdaptiveK's k values per row without the complexity signal
+  (shuffled across rows; rank-matched to text length). If AdaptiveK's gain comes from allocating k by
+  complexity, it should beat both.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .probe import RidgeProbe
+from .sae import AdaptiveKSAE, BatchTopKSAE, TopKSAE
+from .training import TrainConfig, train_sae
+
+
+@dataclass
+class Lineup:
+    """Training data, shared settings, and every SAE trained so far with its facts."""
+
+    Xtr: Tensor  # [n_train, d] training vectors (scaled)
+    Xte: Tensor  # [n_test, d] held-out vectors (scaled)
+    y_train: Tensor  # [n_train] complexity labels
+    y_test: Tensor  # [n_test]
+    train: TrainConfig  # shared by every SAE
+    d_sae: int
+    seed: int  # SAE initialisation and the ablations' shuffles
+    device: torch.device
+    progress: bool = False
+    say: Callable[..., Any] = lambda *_: None
+    saes: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, dict[str, Any]] = field(default_factory=dict)  # per SAE: what the results JSON reports
+    eval_k: dict[str, Tensor | None] = field(default_factory=dict)  # per test row k (None: the SAE's own)
+    ce_k: dict[str, Callable[[Tensor], Tensor]] = field(default_factory=dict)  # k as a function of a CE batch
+    names: dict[str, list[str]] = field(default_factory=dict)  # kind -> SAE names, in training order
+    probe: dict[str, Any] = field(default_factory=dict)  # the phase-1 probe's fit (AdaptiveK)
+    pred_train: Tensor | None = None  # the phase-1 probe's predictions on Xtr
+
+    @property
+    def points(self) -> list[str]:
+        """The SAEs placed against the TopK frontier: AdaptiveK, BatchTopK and the ablations."""
+        return [n for kind in ("adaptivek", "batchtopk", "ablation") for n in self.names.get(kind, [])]
+
+    def add(self, name: str, sae: Any, y: Tensor | None = None, *, k_rows: Tensor | None = None, **info: Any) -> Any:
+        """Train ``sae`` with the shared config (``k_rows``: a per-row k [n_train]), switch it to inference
+        (``eval()``) and record it as ``name`` with ``info`` and its training time and last-batch FVE / L0."""
+        t0 = time.perf_counter()
+        sae, hist = train_sae(sae.to(self.device), self.Xtr, y, self.train, k=k_rows, progress=self.progress)
+        sae.eval()
+        self.saes[name], self.eval_k[name], last = sae, None, hist.iloc[-1]
+        self.meta[name] = info | {"train_seconds": time.perf_counter() - t0,
+                                  "train_fve_last_batch": float(last["fve"]), "train_l0_last_batch": float(last["l0"])}
+        self.say(f"  trained {name:<24s} in {self.meta[name]['train_seconds']:5.1f} s  (last-batch FVE "
+                 f"{last['fve']:.3f}, L0 {last['l0']:.1f})")
+        return sae
+
+
+def train_topk_sweep(lineup: Lineup, ks: Sequence[int]) -> list[str]:
+    """One TopK SAE per k (``topk_K``): the frontier."""
+    names = lineup.names.setdefault("topk", [])
+    for k in ks:
+        lineup.add(f"topk_{k}", TopKSAE(lineup.Xtr.shape[1], lineup.d_sae, k, seed=lineup.seed), kind="topk", k=k)
+        names.append(f"topk_{k}")
+    return names
+
+
+def train_adaptivek(lineup: Lineup, k_ranges: Sequence[tuple[int, int]]) -> list[str]:
+    """AdaptiveK per ``(k_min, k_max)`` (``adaptivek_MIN_MAX``): one probe fit (phase 1) starts every SAE,
+    each trains its own copy; records the probe's fit and each SAE's k on the training and test vectors."""
+    lu, tc = lineup, lineup.train
+    probe = RidgeProbe.fit(lu.Xtr, lu.y_train, lambdas=tc.probe_lambdas, folds=tc.probe_folds, seed=lu.seed)
+    lu.probe = {"lambda": probe.lambda_, "train": probe.evaluate(lu.Xtr, lu.y_train),
+                "test": probe.evaluate(lu.Xte, lu.y_test)}
+    lu.pred_train = probe.predict(lu.Xtr).float()
+    names = lu.names.setdefault("adaptivek", [])
+    for lo, hi in k_ranges:
+        sae = AdaptiveKSAE(lu.Xtr.shape[1], lu.d_sae, copy.deepcopy(probe), k_min=lo, k_max=hi, seed=lu.seed)
+        k_tr = sae.k_from_complexity(lu.pred_train)
+        name = f"adaptivek_{lo}_{hi}"
+        sae = lu.add(name, sae, lu.y_train, kind="adaptivek", k_range=[lo, hi], k_train_mean=float(k_tr.float().mean()))
+        k_te = sae.k_from_complexity(sae.probe.predict(lu.Xte).float())
+        lu.meta[name] |= {"k_test_mean": float(k_te.float().mean()), "k_test_min": int(k_te.min()),
+                          "k_test_max": int(k_te.max()), "probe_test_after_training": sae.probe.evaluate(lu.Xte, lu.y_test)}
+        names.append(name)
+    return names
+
+
+def train_batchtopk(lineup: Lineup, matched_to: Sequence[str]) -> list[str]:
+    """BatchTopK at the mean training k of each AdaptiveK SAE in ``matched_to``, recorded twice: with its
+    threshold (``batchtopk_K``; recalibrated on the training vectors by ``freeze``) and with its batch
+    rule applied to the held-out set as one batch (``batchtopk_K_batch``: mean L0 = k exactly)."""
+    names = lineup.names.setdefault("batchtopk", [])
+    for ada in matched_to:
+        k = max(1, round(lineup.meta[ada]["k_train_mean"]))
+        name, batch = f"batchtopk_{k}", f"batchtopk_{k}_batch"
+        if name in lineup.saes:
+            continue
+        sae = lineup.add(name, BatchTopKSAE(lineup.Xtr.shape[1], lineup.d_sae, k, seed=lineup.seed),
+                         kind="batchtopk", k=k, matched_to=ada, inference="threshold")
+        sae.freeze(lineup.Xtr, seed=lineup.seed)
+        lineup.meta[name] |= {"threshold": float(sae.threshold), "threshold_ema": sae.threshold_ema}
+        lineup.saes[batch], lineup.meta[batch] = sae, lineup.meta[name] | {"inference": "batch rule"}
+        lineup.eval_k[batch] = sae.batch_k(lineup.Xte).clamp(min=1)
+        lineup.ce_k[batch] = lambda x, sae=sae: sae.batch_k(x).clamp(min=1)  # the rule per downstream batch
+        names += [name, batch]
+    return names
+
+
+def train_ablations(lineup: Lineup, adaptivek: str, texts_train: Sequence[str] | None = None,
+                    texts_test: Sequence[str] | None = None) -> dict[str, str]:
+    """TopK SAEs trained and evaluated with exactly ``adaptivek``'s k values per row, reassigned:
+    ``shuffled_k`` at random, ``length_k`` by text length in characters (needs both text lists).
+    Returns the ablations skipped, with why."""
+    ada = lineup.saes[adaptivek]
+    k_tr = ada.k_from_complexity(lineup.pred_train)  # the k values AdaptiveK trained with (phase-1 probe)
+    k_te = ada.k_from_complexity(ada.probe.predict(lineup.Xte).float())
+    g = torch.Generator().manual_seed(lineup.seed)
+    perm_tr, perm_te = torch.randperm(len(k_tr), generator=g), torch.randperm(len(k_te), generator=g)
+    ablations = {"shuffled_k": (k_tr[perm_tr], k_te[perm_te], "AdaptiveK's k, randomly permuted across rows")}
+    skipped = {}
+    if texts_train is not None and texts_test is not None:
+        chars = [torch.tensor([len(t) for t in texts], dtype=torch.float64) for texts in (texts_train, texts_test)]
+        ablations["length_k"] = (rank_match(chars[0], k_tr), rank_match(chars[1], k_te),
+                                 "AdaptiveK's k values reassigned by text length in characters (longest, largest)")
+    else:
+        skipped["length_k"] = "no texts given"
+    names = lineup.names.setdefault("ablation", [])
+    for name, (ktr, kte, what) in ablations.items():
+        lineup.add(name, TopKSAE(lineup.Xtr.shape[1], lineup.d_sae, int(ktr.max()), seed=lineup.seed), k_rows=ktr,
+                   kind="ablation", what=what, of=adaptivek)
+        lineup.eval_k[name] = kte
+        names.append(name)
+    return skipped
+
+
+def rank_match(values: Tensor, target: Tensor) -> Tensor:
+    """``target``'s values reassigned so that their order follows ``values`` (largest value, largest k)."""
+    out = torch.empty_like(target)
+    out[torch.argsort(torch.as_tensor(values), stable=True)] = torch.sort(target, stable=True).values
+    return out
+
+
+__all__ = ["Lineup", "train_topk_sweep", "train_adaptivek", "train_batchtopk", "train_ablations", "rank_match"]

@@ -1,0 +1,188 @@
+"""SAE configs, the registry of architectures, and the files an SAE is saved in.
+
+One frozen dataclass per architecture, held by an SAE as ``sae.cfg``; its ``architecture`` is the key
+under which its class in :mod:`adaptivek.sae` is registered (:func:`register`), written to and read back
+from a saved folder (:func:`read_saved`), as in SAELens and sparsify.
+
+Format 2 (``sae.save(path)``): ``adaptivek_cfg.json`` (``format_version``, ``architecture``, the config's
+fields) beside ``adaptivek_sae.safetensors``, names that cannot be mistaken for SAELens' (``cfg.json`` +
+``sae_weights.safetensors``) or sparsify's (``cfg.json`` + ``sae.safetensors``) layouts. Format 1 (before
+the registry): ``cfg.json`` with ``"format_version": 1`` and the class name, beside ``sae.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from .checks import one_of, positive_int
+from .io import save_tensors, write_json
+
+FORMAT_VERSION = 2
+CFG_FILE, WEIGHTS_FILE = "adaptivek_cfg.json", "adaptivek_sae.safetensors"
+
+
+def check_k(k: Any, name: str, d_sae: int) -> int:
+    """``k`` if it is an int in [1, d_sae]."""
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"{name} must be an int, got {k!r}")
+    if k < 1:
+        raise ValueError(f"{name} must be >= 1 (every row needs at least one active latent), got {k}")
+    if k > d_sae:
+        raise ValueError(f"{name} ({k}) > d_sae ({d_sae}): a row cannot keep more latents than the dictionary "
+                         f"has; lower {name} or enlarge the dictionary")
+    return k
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """``"float32"`` for ``torch.float32`` (names pass through)."""
+    return dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """What every SAE is built from; subclasses add their fields and name their ``architecture``."""
+
+    architecture: ClassVar[str] = ""
+    """The registry key of the SAE class this config builds (saved with it)."""
+    d_in: int
+    """Input width (the model's d_model)."""
+    d_sae: int
+    """Dictionary size (number of latents)."""
+    dtype: str = field(default="float32", kw_only=True)
+    """Parameter dtype at construction, a torch dtype name (``save`` records the parameters' current one)."""
+
+    def __post_init__(self) -> None:
+        positive_int(self.d_in, "d_in")
+        positive_int(self.d_sae, "d_sae")
+        one_of(self.dtype, "dtype", ("float32", "float64", "bfloat16", "float16"))
+
+
+@dataclass(frozen=True)
+class TopKConfig(SAEConfig):
+    """TopK: every row keeps its ``k`` largest positive pre-activations."""
+
+    architecture: ClassVar[str] = "topk"
+    k: int
+    """Active latents per row."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_k(self.k, "k", self.d_sae)
+
+
+@dataclass(frozen=True)
+class AdaptiveKConfig(SAEConfig):
+    """AdaptiveK: ``k = round(k_min + sigmoid(steepness · ((c - c_min)/(c_max - c_min) - 0.5)) · (k_max - k_min))``."""
+
+    architecture: ClassVar[str] = "adaptivek"
+    k_min: int = 20
+    """Smallest k of the map (paper 20)."""
+    k_max: int = 320
+    """Largest k of the map (paper 320)."""
+    steepness: float = 6.0
+    """Steepness of the sigmoid (paper 6)."""
+    c_min: float = 0.0
+    """Complexity mapped to the sigmoid's low end (the rubric's 0)."""
+    c_max: float = 10.0
+    """Complexity mapped to the sigmoid's high end (the rubric's 10)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_k(self.k_min, "k_min", self.d_sae)
+        check_k(self.k_max, "k_max", self.d_sae)
+        if self.k_min > self.k_max:
+            raise ValueError(f"k_min ({self.k_min}) > k_max ({self.k_max}); swap them or raise k_max")
+        if not (math.isfinite(self.steepness) and self.steepness > 0):
+            raise ValueError(f"steepness must be finite and > 0, got {self.steepness}")
+        if not (math.isfinite(self.c_min) and math.isfinite(self.c_max) and self.c_max > self.c_min):
+            raise ValueError(f"need finite c_min < c_max, got c_min={self.c_min}, c_max={self.c_max}")
+
+
+@dataclass(frozen=True)
+class BatchTopKConfig(TopKConfig):
+    """BatchTopK: the ``k · B`` largest activations of a batch, a learned threshold at inference."""
+
+    architecture: ClassVar[str] = "batchtopk"
+    threshold_beta: float = 0.99
+    """Weight of the old value in the threshold's moving average (the BatchTopK paper: 0.999 after 1,000 steps)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.threshold_beta < 1:
+            raise ValueError(f"threshold_beta must be in [0, 1), got {self.threshold_beta}")
+
+
+# ----------------------------------------------------------------------------- registry
+_REGISTRY: dict[str, type] = {}
+
+
+def register(architecture: str, cls: type) -> None:
+    """Make ``cls`` the SAE class of ``architecture`` (``SparseAutoencoder`` subclasses do it when defined)."""
+    old = _REGISTRY.get(architecture)
+    if not architecture or (old is not None and old.__qualname__ != cls.__qualname__):
+        raise ValueError(f"{cls.__name__}: architecture {architecture!r} is empty or already taken by {old}")
+    _REGISTRY[architecture] = cls
+
+
+def registered(architecture: Any, where: str = "no SAE class is registered for") -> type:
+    """The SAE class registered for ``architecture``."""
+    if architecture not in _REGISTRY:
+        raise ValueError(f"{where} architecture {architecture!r}; known: {sorted(_REGISTRY)} (import the module "
+                         f"that defines it first)")
+    return _REGISTRY[architecture]
+
+
+# ----------------------------------------------------------------------------- saved folders
+def write_saved(path: Path, cfg: SAEConfig, tensors: dict[str, Any], dtype: torch.dtype) -> None:
+    """Format 2: the tensors, then the config (atomically; the JSON last, so its presence means complete)."""
+    save_tensors(path / WEIGHTS_FILE, tensors)
+    write_json(path / CFG_FILE, {"format_version": FORMAT_VERSION, "architecture": cfg.architecture,
+                                 **asdict(cfg), "dtype": dtype_name(dtype)})
+
+
+def write_saelens(path: Path, cfg: TopKConfig, tensors: dict[str, Any], dtype: torch.dtype,
+                  model_name: str | None, hook_name: str | None) -> None:
+    """SAELens' layout of a TopK SAE: ``cfg.json`` + ``sae_weights.safetensors``, architecture "topk"."""
+    save_tensors(path / "sae_weights.safetensors", tensors)
+    write_json(path / "cfg.json", {
+        "architecture": "topk", "d_in": cfg.d_in, "d_sae": cfg.d_sae, "k": cfg.k, "dtype": dtype_name(dtype),
+        "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
+        "reshape_activations": "none", "rescale_acts_by_decoder_norm": False,
+        "metadata": {"model_name": model_name, "hook_name": hook_name, "exported_by": "adaptivek"}})
+
+
+_FORMAT1_ARCHITECTURES = {"TopKSAE": "topk", "AdaptiveKSAE": "adaptivek"}
+
+
+def read_saved(path: Path) -> tuple[dict[str, Any], Path]:
+    """The saved config (format 2, or format 1 translated) and the weights file of an SAE folder."""
+    if (path / CFG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
+        cfg = json.loads((path / CFG_FILE).read_text())
+        if cfg.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path / CFG_FILE} has format_version {cfg.get('format_version')!r}; this "
+                             f"adaptivek reads 1 and {FORMAT_VERSION}")
+        return cfg, path / WEIGHTS_FILE
+    cfg = json.loads((path / "cfg.json").read_text()) if (path / "cfg.json").is_file() else None
+    if cfg is not None and cfg.get("format_version") == 1 and (path / "sae.safetensors").is_file():
+        if cfg.get("class") not in _FORMAT1_ARCHITECTURES:
+            raise ValueError(f"{path / 'cfg.json'} (format 1) describes a {cfg.get('class')!r}; format 1 is read "
+                             f"for {sorted(_FORMAT1_ARCHITECTURES)} only")
+        return cfg | {"architecture": _FORMAT1_ARCHITECTURES[cfg["class"]]}, path / "sae.safetensors"
+    found = ""
+    if (path / "sae_weights.safetensors").is_file():
+        found = "; this folder holds a SAELens export (read it with sae_lens.SAE.load_from_disk)"
+    elif cfg is not None and (path / "sae.safetensors").is_file():
+        found = "; this folder holds a sparsify SAE (read it with sparsify.SparseCoder.load_from_disk)"
+    raise FileNotFoundError(f"no saved SAE in {path}: expected {CFG_FILE} and {WEIGHTS_FILE} (written by "
+                            f"sae.save(path)){found}")
+
+
+__all__ = ["SAEConfig", "TopKConfig", "AdaptiveKConfig", "BatchTopKConfig", "read_saved", "write_saved",
+           "register", "registered",
+           "write_saelens", "dtype_name", "check_k", "FORMAT_VERSION", "CFG_FILE", "WEIGHTS_FILE"]
