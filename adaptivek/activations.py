@@ -1,8 +1,18 @@
-"""Residual-stream activations with nnsight: early stop, correct last token, on-disk cache.
+"""Residual-stream activations with nnsight: early stop, correct last token, verified on-disk cache.
 
 ``extract(lm, texts, layer)`` returns the output of decoder block ``layer`` (transformers'
 ``hidden_states[layer + 1]``, before any final norm). The forward pass stops after the deepest
 requested block, so reading layer 3 of a 30-layer model costs about 4/30 of a full pass.
+
+The cache (``cache_dir``) stores one result per key. The key covers everything that changes the
+result: the model's content identity (:func:`adaptivek.models.model_fingerprint`: a checksum of
+its weights, not its name or path), the weights' dtype, the block path, the layer, the token mode,
+``max_length``, the texts and :data:`CACHE_FORMAT`. Each entry is ``<key>.safetensors`` plus
+``<key>.json`` (written last: it marks the entry complete), which records the tensor file's size
+and checksum. Every read verifies the size, the checksum and the shapes against the request (rows
+per text, ``d_model``); a shard manifest (from :mod:`adaptivek.distributed`) must cover the texts
+in order. An entry that fails is never returned: ``extract`` recomputes and rewrites it with a
+:class:`~adaptivek.io.CacheWarning` naming the file.
 """
 
 from __future__ import annotations
@@ -10,40 +20,55 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, overload
 
+import numpy as np
 import torch
 
-from .checks import int_at_least, text_list
-from .io import atomic_path, save_tensors
-from .models import blocks, model_device, model_info, n_layers
+from .checks import int_at_least, integer, text_list
+from .io import CacheError, CacheWarning, atomic_path, file_digest, write_json
+from .models import blocks, d_model, model_device, model_fingerprint, model_info, n_layers
 
 Token = Literal["last", "all"]
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # bump when what extract computes or how entries are stored changes
 
 
 def _check_texts(texts: Sequence[str]) -> list[str]:
-    """A non-empty list of strings, each with something to read."""
+    """A non-empty list of strings, each with something to read and valid Unicode."""
     texts = text_list(texts)
     if not texts:
         raise ValueError("texts is empty; pass at least one non-empty string")
     for i, t in enumerate(texts):
         if not t.strip():
             raise ValueError(f"texts[{i}] is empty or whitespace; it has no token to read, drop it")
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(
+                f"texts[{i}] holds a lone surrogate {t[e.start]!r} at character {e.start}, which is not valid "
+                f"Unicode (a file read with errors='surrogateescape'?); repair the text, e.g. "
+                f"t.encode('utf-8', 'replace').decode('utf-8'), or drop it") from None
     return texts
 
 
+def _is_one_layer(layer) -> bool:
+    return isinstance(layer, (int, np.integer)) and not isinstance(layer, (bool, np.bool_))
+
+
 def _check_layers(lm, layer: int | Sequence[int]) -> list[int]:
-    many = not isinstance(layer, int)
-    layers = list(layer) if many else [layer]
+    """Sorted distinct layers as Python ints; NumPy integers are accepted."""
+    if isinstance(layer, (str, bytes)) or not (_is_one_layer(layer) or hasattr(layer, "__iter__")):
+        raise TypeError(f"layer must be an int or a list of ints, got {layer!r}")
+    layers = [layer] if _is_one_layer(layer) else list(layer)
     if not layers:
         raise ValueError("layer is an empty list; pass an int or a non-empty list of ints")
+    layers = [integer(ly, "layer", why="or a list of ints") for ly in layers]
     n = n_layers(lm)
     for ly in layers:
-        if isinstance(ly, bool) or not isinstance(ly, int):
-            raise TypeError(f"layer must be an int or a list of ints, got {ly!r}")
         if not 0 <= ly < n:
             raise ValueError(f"layer {ly} is out of range: this model has {n} blocks, valid layers are 0..{n - 1}")
     return sorted(set(layers))
@@ -55,60 +80,168 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.bool() * positions).argmax(dim=1)
 
 
+# ---- the cache ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """Everything but the texts that a cached result depends on (the key hashes all of it)."""
+
+    model: str
+    """Content identity of the weights (:func:`adaptivek.models.model_fingerprint`)."""
+    dtype: str
+    """The weights' dtype(s): a bf16 model computes other activations than its fp32 original."""
+    block_path: str
+    """Which module list ``layer`` indexes."""
+    layer: int
+    """Decoder block whose output is read."""
+    token: str
+    """``"last"`` or ``"all"``."""
+    max_length: int
+    """Truncation length in tokens."""
+    d_model: int
+    """Width of the residual stream: every stored row must have it (checked on read, not in the key)."""
+
+    def key(self, texts: list[str]) -> str:
+        h = hashlib.sha256()
+        for t in texts:
+            h.update(hashlib.sha256(t.encode("utf-8")).digest())
+        fields = {k: v for k, v in asdict(self).items() if k != "d_model"}
+        meta = {**fields, "texts": h.hexdigest(), "format": CACHE_FORMAT}
+        return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _spec(lm, layer: int, token: str, max_length: int) -> _Spec:
+    dtypes = sorted({str(p.dtype) for p in lm._module.parameters() if p.is_floating_point()})
+    return _Spec(model=model_fingerprint(lm), dtype=",".join(dtypes), block_path=model_info(lm)["block_path"],
+                 layer=layer, token=token, max_length=max_length, d_model=d_model(lm))
+
+
 def _cache_key(lm, layer: int, token: str, max_length: int, texts: list[str]) -> str:
-    h = hashlib.sha256()
-    for t in texts:
-        h.update(hashlib.sha256(t.encode("utf-8")).digest())
-    info = model_info(lm)
-    meta = {"model": info["name"], "revision": info["revision"], "block_path": info["block_path"],
-            "layer": layer, "token": token, "max_length": max_length, "texts": h.hexdigest(),
-            "format": CACHE_FORMAT}
-    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:32]
+    """The cache key of ``extract(lm, texts, layer, token=token, max_length=max_length)``."""
+    return _spec(lm, layer, token, max_length).key(texts)
 
 
-def _cache_load(cache_dir: Path, key: str):
-    """A cached result, or one assembled from the shards of a distributed run, or None."""
+def _cached(cache_dir: Path, spec: _Spec, texts: list[str]):
+    """The verified cached result for ``texts``, or None (absent, or corrupt: then a CacheWarning)."""
+    key = spec.key(texts)
+    try:
+        hit = _read_entry(cache_dir, key, spec, len(texts))
+        return hit if hit is not None else _read_manifest(cache_dir, key, spec, texts)
+    except CacheError as e:
+        warnings.warn(f"{e}; recomputing and rewriting it", CacheWarning, stacklevel=3)
+        return None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CacheError(f"cache file {path} is unreadable ({e})") from e
+    if not isinstance(obj, dict):
+        raise CacheError(f"cache file {path} holds a {type(obj).__name__}, not a JSON object")
+    return obj
+
+
+def _read_entry(cache_dir: Path, key: str, spec: _Spec, n_texts: int):
+    """The result stored under ``key`` after verifying it; None if there is none; CacheError if it is wrong."""
     from safetensors.torch import load_file
 
-    meta, data = cache_dir / f"{key}.json", cache_dir / f"{key}.safetensors"
-    if meta.is_file() and data.is_file():  # the JSON is written last: it marks completion
-        t = load_file(str(data))
-        return (t["acts"], t["text_index"]) if "text_index" in t else t["acts"]
-    manifest = cache_dir / f"{key}.shards.json"
-    if not manifest.is_file():
+    meta_path, data = cache_dir / f"{key}.json", cache_dir / f"{key}.safetensors"
+    if not (meta_path.is_file() and data.is_file()):  # the JSON is written last: it marks completion
         return None
-    shards = json.loads(manifest.read_text())["shards"]  # [{"key": ..., "n_texts": ...}] in text order
-    parts = [_cache_load(cache_dir, s["key"]) for s in shards]
+    meta = _read_json(meta_path)
+    stored = meta.get("file") if meta.get("format") == CACHE_FORMAT else None
+    if not (isinstance(stored, dict) and ":" in str(stored.get("digest"))):
+        raise CacheError(f"cache file {meta_path} has no checksum of format {CACHE_FORMAT}")
+    size = data.stat().st_size
+    if size != stored.get("size"):
+        raise CacheError(f"cache file {data} is {size} bytes but was written with {stored.get('size')} (truncated?)")
+    algorithm = stored["digest"].split(":")[0]
+    try:
+        same = file_digest(data, algorithm) == stored["digest"]
+    except (ValueError, ImportError) as e:  # an algorithm this environment lacks
+        raise CacheError(f"cache file {data} cannot be verified here ({e})") from e
+    if not same:
+        raise CacheError(f"cache file {data} does not match its checksum (its bytes changed after writing)")
+    try:
+        tensors = load_file(str(data))
+    except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
+        raise CacheError(f"cache file {data} is not a readable safetensors file ({e})") from e
+    return _checked_value(tensors, spec, n_texts, data)
+
+
+def _checked_value(tensors: dict, spec: _Spec, n_texts: int, path: Path):
+    """``acts`` (and ``text_index``) if their shapes fit ``n_texts`` texts of width ``d_model``; else CacheError."""
+    acts, index = tensors.get("acts"), tensors.get("text_index")
+    bad = None
+    if acts is None or acts.ndim != 2 or acts.shape[1] != spec.d_model or acts.dtype != torch.float32:
+        bad = f"acts is {None if acts is None else (tuple(acts.shape), acts.dtype)}, not float32 [n, {spec.d_model}]"
+    elif spec.token == "last" and (acts.shape[0] != n_texts or index is not None):
+        bad = f"it has {acts.shape[0]} rows for {n_texts} texts"
+    elif spec.token == "all":
+        if index is None or index.shape != (acts.shape[0],) or index.dtype != torch.int64:
+            bad = "text_index is missing or does not pair with the rows of acts"
+        elif len(index) and bool((index.diff() < 0).any() | (index[0] < 0) | (index[-1] >= n_texts)):
+            bad = f"text_index is not sorted within 0..{n_texts - 1}"
+        elif not bool(torch.bincount(index, minlength=n_texts).gt(0).all()):
+            bad = f"some of the {n_texts} texts have no rows"
+    if bad is not None:
+        raise CacheError(f"cache file {path} does not hold the result for these texts: {bad}")
+    return acts if spec.token == "last" else (acts, index)
+
+
+def _read_manifest(cache_dir: Path, key: str, spec: _Spec, texts: list[str]):
+    """The result joined from the shards of a distributed run, after checking they cover ``texts`` in order."""
+    path = cache_dir / f"{key}.shards.json"
+    if not path.is_file():
+        return None
+    shards = _read_json(path).get("shards")  # [{"key": ..., "n_texts": ...}] in text order
+    if not isinstance(shards, list) or not shards or not all(
+            isinstance(s, dict) and isinstance(s.get("n_texts"), int) and s["n_texts"] > 0 for s in shards):
+        raise CacheError(f"shard manifest {path} does not list shards with their text counts")
+    counts = [s["n_texts"] for s in shards]
+    if sum(counts) != len(texts):
+        raise CacheError(f"shard manifest {path}: its shards hold {sum(counts)} texts, not the {len(texts)} "
+                         f"asked for (a partial manifest, or one for other texts)")
+    starts = np.cumsum([0, *counts[:-1]]).tolist()
+    for i, (s, a, n) in enumerate(zip(shards, starts, counts, strict=True)):
+        if s.get("key") != spec.key(texts[a:a + n]):
+            raise CacheError(f"shard manifest {path}: shard {i} is not the result for texts {a}..{a + n - 1} "
+                             f"(shards out of order, or made with another model or settings)")
+    parts = [_read_entry(cache_dir, s["key"], spec, n) for s, n in zip(shards, counts, strict=True)]
     if any(p is None for p in parts):
-        return None
-    if not isinstance(parts[0], tuple):
+        return None  # a rank has not finished: an ordinary miss
+    if spec.token == "last":
         return torch.cat(parts)
-    offsets = torch.tensor([0] + [s["n_texts"] for s in shards[:-1]]).cumsum(0)
-    return (torch.cat([a for a, _ in parts]),
-            torch.cat([i + off for (_, i), off in zip(parts, offsets.tolist(), strict=True)]))
+    return (torch.cat([acts for acts, _ in parts]),
+            torch.cat([index + a for (_, index), a in zip(parts, starts, strict=True)]))
+
+
+def _store(cache_dir: Path, key: str, value, spec: _Spec, n_texts: int, info: dict) -> None:
+    """Write the tensors, then the JSON with their checksum (last: it marks the entry complete)."""
+    from safetensors.torch import save_file
+
+    tensors = {"acts": value[0], "text_index": value[1]} if isinstance(value, tuple) else {"acts": value}
+    data = cache_dir / f"{key}.safetensors"
+    with atomic_path(data, ".safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        stored = {"size": tmp.stat().st_size, "digest": file_digest(tmp)}  # of exactly what is renamed
+    meta = {"model_name": info["name"], "revision": info["revision"], **asdict(spec), "n_texts": n_texts,
+            "shapes": {k: list(v.shape) for k, v in tensors.items()}, "file": stored, "format": CACHE_FORMAT}
+    write_json(cache_dir / f"{key}.json", meta)
 
 
 def write_shard_manifest(cache_dir: Path, lm, layer: int, token: str, max_length: int,
                          texts: list[str], shards: list[list[str]]) -> None:
-    """Record that the result for ``texts`` is the concatenation of the results for ``shards``."""
-    entry = {"shards": [{"key": _cache_key(lm, layer, token, max_length, sh), "n_texts": len(sh)} for sh in shards],
-             "format": CACHE_FORMAT}
-    with atomic_path(cache_dir / f"{_cache_key(lm, layer, token, max_length, texts)}.shards.json", ".json") as tmp:
-        tmp.write_text(json.dumps(entry, indent=2))
+    """Record that the result for ``texts`` is the concatenation of the results for ``shards``.
 
-
-def _cache_meta(lm, layer: int, token: str, max_length: int, n_texts: int) -> dict:
-    """The readable JSON written beside a cached result (written last: it marks the entry complete)."""
-    info = model_info(lm)
-    return {"model": info["name"], "revision": info["revision"], "layer": layer, "token": token,
-            "max_length": max_length, "n_texts": n_texts, "format": CACHE_FORMAT}
-
-
-def _cache_store(cache_dir: Path, key: str, value, meta: dict) -> None:
-    tensors = {"acts": value[0], "text_index": value[1]} if isinstance(value, tuple) else {"acts": value}
-    save_tensors(cache_dir / f"{key}.safetensors", tensors)
-    with atomic_path(cache_dir / f"{key}.json", ".json") as tmp:
-        tmp.write_text(json.dumps(meta, indent=2))
+    Readers check that the shards cover ``texts`` in order before joining them.
+    """
+    spec = _spec(lm, layer, token, max_length)
+    entry = {"shards": [{"key": spec.key(sh), "n_texts": len(sh)} for sh in shards],
+             "n_texts": sum(len(sh) for sh in shards), "format": CACHE_FORMAT}
+    write_json(Path(cache_dir) / f"{spec.key(texts)}.shards.json", entry)
 
 
 @overload
@@ -135,13 +268,15 @@ def extract(
     Args:
         lm: a model from :func:`adaptivek.load_model` (or ``models.wrap_model``).
         texts: non-empty strings; each is truncated to ``max_length`` tokens.
-        layer: an int, or a list of ints read in one forward pass (returns ``{layer: result}``).
+        layer: an int (NumPy integers too), or a list of ints read in one forward pass (returns
+            ``{layer: result}``).
         token: ``"last"`` -> ``[len(texts), d_model]`` at each text's last real token;
             ``"all"`` -> ``(acts [n_tokens, d_model], text_index [n_tokens])`` without padding.
         max_length: truncation length in tokens (>= 1).
         batch_size: texts per forward pass; texts are sorted by length so batches pad little.
-        cache_dir: if given, results are stored there keyed by (model, revision, layer, token,
-            max_length, texts) and reused by later calls.
+        cache_dir: if given, results are stored there keyed by (the weights' content and dtype,
+            layer, token, max_length, texts) and reused by later calls after verifying their
+            checksum and shapes; a corrupt entry is recomputed with a ``CacheWarning``.
         progress: show a tqdm progress bar over batches.
         padding_side: how batches are padded; both give the same result (position ids and the
             last-token index are computed from the attention mask).
@@ -158,18 +293,20 @@ def extract(
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
 
+    results, specs = {}, {}
     cache = Path(cache_dir) if cache_dir is not None else None
-    keys = {ly: _cache_key(lm, ly, token, max_length, texts) for ly in layers} if cache is not None else {}
-    results = {ly: hit for ly, key in keys.items() if (hit := _cache_load(cache, key)) is not None}
+    if cache is not None:
+        specs = {ly: _spec(lm, ly, token, max_length) for ly in layers}
+        results = {ly: hit for ly, spec in specs.items() if (hit := _cached(cache, spec, texts)) is not None}
     todo = [ly for ly in layers if ly not in results]
     if todo:
         computed = _run(lm, texts, todo, token, max_length, batch_size, progress, padding_side, remote)
         for ly in todo:
             results[ly] = computed[ly]
             if cache is not None:
-                _cache_store(cache, keys[ly], computed[ly], _cache_meta(lm, ly, token, max_length, len(texts)))
-    if isinstance(layer, int):
-        return results[layer]
+                _store(cache, specs[ly].key(texts), computed[ly], specs[ly], len(texts), model_info(lm))
+    if _is_one_layer(layer):
+        return results[int(layer)]
     return {ly: results[ly] for ly in layers}
 
 

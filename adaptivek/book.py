@@ -6,10 +6,17 @@ of ``book/profiles/<profile>.yaml``; all chapters share one artifacts directory
 (``_build/artifacts/<profile>``), so later chapters read what earlier ones wrote.
 ``build_book`` stages the executed copies beside ``_config.yml``/``_toc.yml`` and runs
 jupyter-book 1.x on the stage, writing HTML to ``_build/html``.
+
+A profile is checked before anything runs: invalid YAML names the file and line; a chapter key
+that is not a chapter of ``_toc.yml`` and a parameter that no chapter (or not that chapter)
+declares are refused with the valid names. A run killed mid-chapter leaves a hidden
+``.NAME.ipynb.*.partial.ipynb`` beside the executed chapters; the next run deletes it and
+:func:`executed_notebooks` (what ``book check`` reads) never lists it.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import shutil
 import subprocess
@@ -24,10 +31,16 @@ import yaml
 from .io import atomic_path, write_json
 
 EMBEDDED = ("smollm2-135m",)
+PROFILE_KEYS = ("description", "defaults", "chapters", "estimate", "dry_run")
+DRY_RUN_KEYS = ("defaults", "chapters", "estimate")
 
 
 class ChapterFailed(RuntimeError):
     """A chapter raised while executing; the message names the chapter, cell and error."""
+
+
+class ProfileError(ValueError):
+    """A profile that cannot be used; the message names the file (and line) and what to change."""
 
 
 @dataclass
@@ -74,19 +87,73 @@ def toc_chapters(root: Path) -> list[Path]:
 
 
 def load_profile(name: str, root: Path) -> dict[str, Any]:
-    """Read ``book/profiles/<name>.yaml`` (keys: ``description``, ``defaults``, ``chapters``)."""
+    """Read and check ``book/profiles/<name>.yaml`` (keys: ``description``, ``defaults``, ``chapters``,
+    ``estimate``, ``dry_run``) against the chapters of ``_toc.yml`` and their parameters cells."""
     path = root / "book" / "profiles" / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in (root / "book" / "profiles").glob("*.yaml"))
         raise FileNotFoundError(f"unknown profile {name!r}: {path} does not exist; known profiles: {known}")
-    prof = yaml.safe_load(path.read_text()) or {}
-    unknown = set(prof) - {"description", "defaults", "chapters", "estimate", "dry_run"}
-    if unknown:
-        raise ValueError(f"profile {name!r} has unknown top-level keys {sorted(unknown)}; "
-                         f"use description, defaults, chapters, estimate, dry_run")
-    prof.setdefault("defaults", {})
-    prof.setdefault("chapters", {})
+    prof = _read_yaml(path)
+    _check_shape(prof, path)
+    prof["defaults"] = prof.get("defaults") or {}
+    prof["chapters"] = {k: v or {} for k, v in (prof.get("chapters") or {}).items()}
+    _check_names(prof, path, {nb.stem: declared_parameters(nb) for nb in toc_chapters(root)})
     return prof
+
+
+def _read_yaml(path: Path) -> Any:
+    """The YAML in ``path``; a syntax error becomes a one-line ProfileError naming the file and line."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark, start = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        if start is not None and getattr(e, "context", None):
+            problem += f", {e.context} that starts at line {start.line + 1}, column {start.column + 1}"
+        raise ProfileError(f"{where}: not valid YAML ({problem}); fix the file there") from None
+    except UnicodeDecodeError as e:
+        raise ProfileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+
+
+def _check_shape(prof: Any, path: Path) -> None:
+    """Refuse a profile whose sections are not the mappings the runner reads."""
+    def mapping(value: Any, where: str) -> None:
+        if value is not None and not isinstance(value, dict):
+            raise ProfileError(f"{path}: {where} must be a mapping (name: value), got {type(value).__name__} "
+                               f"{value!r:.60}")
+
+    mapping(prof, "the top level")
+    _check_keys(prof, PROFILE_KEYS, path, "top-level key")
+    mapping(prof.get("dry_run"), "dry_run")
+    for section, where in ((prof, ""), (prof.get("dry_run") or {}, "dry_run.")):
+        mapping(section.get("defaults"), f"{where}defaults")
+        mapping(section.get("chapters"), f"{where}chapters")
+        for chapter, params in (section.get("chapters") or {}).items():
+            mapping(params, f"{where}chapters.{chapter}")
+    _check_keys(prof.get("dry_run") or {}, DRY_RUN_KEYS, path, "dry_run key")
+
+
+def _check_keys(given: dict, valid: Any, path: Path, what: str) -> None:
+    """Refuse keys of ``given`` outside ``valid``, suggesting the closest valid name."""
+    unknown = [k for k in given if k not in valid]
+    if unknown:
+        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(str(k), list(valid), 1))
+                 else repr(k) for k in unknown]
+        raise ProfileError(f"{path}: unknown {what}{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; "
+                           f"valid: {sorted(valid)}")
+
+
+def _check_names(prof: dict[str, Any], path: Path, declared: dict[str, set[str]]) -> None:
+    """Every chapter key names a chapter of ``_toc.yml``, every parameter is one its chapter declares
+    (a ``defaults`` entry: one that some chapter declares), in the profile and its ``dry_run``."""
+    every = set().union(*declared.values()) if declared else set()
+    for section, where in ((prof, ""), (prof.get("dry_run") or {}, "dry_run.")):
+        _check_keys(section.get("defaults") or {}, every, path, f"{where}defaults parameter")
+        chapters = section.get("chapters") or {}
+        _check_keys(chapters, declared, path, f"{where}chapters key")
+        for chapter, params in chapters.items():
+            _check_keys(params or {}, declared[chapter], path, f"{where}chapters.{chapter} parameter")
 
 
 def dry_run_profile(prof: dict[str, Any]) -> dict[str, Any]:
@@ -186,6 +253,7 @@ def run_book(
     artifacts.mkdir(parents=True, exist_ok=True)
     # dry runs must not replace the executed chapters the HTML is built from
     out_dir = root / "_build" / ("executed" if not dry_run else f"executed-dry/{profile}")
+    _clean_partials(out_dir, log)
     extra = {"profile": profile, "artifacts_dir": str(artifacts), "dry_run": dry_run}
     if prof.get("description"):
         log(f"profile {profile}: {prof['description'].strip()}")
@@ -204,6 +272,23 @@ def run_book(
         raise ChapterFailed("executed chapters have problems:\n" + "\n".join(problems))
     log(f"all {len(runs)} chapters ran in {sum(timings.values()):.0f} s: {timings}")
     return runs
+
+
+def _clean_partials(out_dir: Path, log=print) -> None:
+    """Delete the half-written notebooks (``.NAME.ipynb.*.partial.ipynb``) that a killed run left behind."""
+    stale = sorted(out_dir.rglob(".*.partial.ipynb")) if out_dir.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        log(f"removed {len(stale)} half-written notebook(s) a killed run left: {[p.name for p in stale]}")
+
+
+def executed_notebooks(root: Path) -> list[Path]:
+    """The executed chapters ``book check`` reads: ``_build/executed/book/*.ipynb`` without hidden
+    half-written copies (``.*.partial.ipynb``) and without the ``*.failed.ipynb`` a failure keeps."""
+    folder = root / "_build" / "executed" / "book"
+    return sorted(p for p in folder.glob("*.ipynb")
+                  if not p.name.startswith(".") and not p.name.endswith((".failed.ipynb", ".partial.ipynb")))
 
 
 def _select_chapters(chapters: list[Path], only: list[str] | None) -> list[Path]:

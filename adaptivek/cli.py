@@ -1,4 +1,9 @@
-"""Command line: ``adaptivek book run|build|check``, ``adaptivek extract`` and ``adaptivek data fetch``."""
+"""Command line: ``adaptivek book run|build|check``, ``adaptivek extract`` and ``adaptivek data fetch``.
+
+Exit status: 0 done; 1 a chapter failed or ``book check`` found problems; 2 the input is wrong (a
+bad argument, a missing file, a bad profile...). Errors print one line, ``adaptivek: error: ...``,
+without a traceback; ``--debug`` shows it. Anything else (a bug) keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,49 @@ import argparse
 import sys
 from pathlib import Path
 
+# what a user can cause and fix from the message (bad input, missing file or package, a failed
+# download or build): printed as one line, exit 2
+INPUT_ERRORS = (ValueError, TypeError, OSError, ImportError, RuntimeError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (no usage block) and exits 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _layers(value: str) -> str:
+    """``--layers 3`` or ``0,6,12``: checked to be non-negative ints, returned as written (spaces removed)."""
+    try:
+        layers = [int(x) for x in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a list of layer numbers; write e.g. 3 or 0,6,12") from None
+    if any(x < 0 for x in layers):
+        raise argparse.ArgumentTypeError(f"{value!r}: layer numbers count from 0; write e.g. 3 or 0,6,12")
+    return ",".join(map(str, layers))
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} must be at least 1")
+    return n
+
+
+def _existing_file(value: str) -> Path:
+    path = Path(value)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{path} does not exist or is not a file")
+    return path
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="adaptivek", description=__doc__)
+    p = _Parser(prog="adaptivek", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
     book = sub.add_parser("book", help="run, check or build the Jupyter Book")
@@ -21,17 +66,18 @@ def _parser() -> argparse.ArgumentParser:
                      help="paper profiles: a random model of the same config and a small embedded corpus")
     bsub.add_parser("build", help="build HTML from the executed chapters into _build/html")
     check = bsub.add_parser("check", help="fail if an executed chapter has an error output or no figure")
-    check.add_argument("notebooks", nargs="*", type=Path)
+    check.add_argument("notebooks", nargs="*", type=_existing_file)
 
     ex = sub.add_parser("extract", help="extract activations into a cache (shards under torchrun)")
     ex.add_argument("--model", default="smollm2-135m")
-    ex.add_argument("--texts", required=True, type=Path, help=".txt (one per line), .jsonl, .csv or .parquet")
+    ex.add_argument("--texts", required=True, type=_existing_file,
+                    help=".txt (one per line), .jsonl, .csv or .parquet; every row needs a text")
     ex.add_argument("--column", default="text", help="text column of a table file")
-    ex.add_argument("--layers", required=True, help="comma-separated, e.g. 3 or 0,6,12")
+    ex.add_argument("--layers", required=True, type=_layers, help="comma-separated, e.g. 3 or 0,6,12")
     ex.add_argument("--cache-dir", required=True, type=Path)
     ex.add_argument("--token", default="last", choices=["last", "all"])
-    ex.add_argument("--max-length", type=int, default=128)
-    ex.add_argument("--batch-size", type=int, default=32)
+    ex.add_argument("--max-length", type=_positive_int, default=128)
+    ex.add_argument("--batch-size", type=_positive_int, default=32)
     ex.add_argument("--device", default="cpu")
     ex.add_argument("--dtype", default=None, help="e.g. bfloat16")
 
@@ -41,40 +87,77 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def check_texts_file(path: Path, column: str) -> None:
+    """Refuse a texts file with an empty or non-text row, naming the rows, before a model is loaded.
+
+    ``extract`` keeps one activation per row, in order, so it cannot drop such rows without
+    shifting every later row: the fix is to fill or delete them in the file.
+    """
+    import pandas as pd
+
+    from .distributed import read_texts
+
+    texts = pd.Series(read_texts(path, column), dtype=object)
+    bad = texts.map(lambda t: not isinstance(t, str) or not t.strip()).to_numpy(dtype=bool)
+    if bad.any():
+        rows = bad.nonzero()[0]
+        raise ValueError(f"{path}: {len(rows)} rows of column {column!r} have no text (rows {rows[:5].tolist()}"
+                         f"{' ...' if len(rows) > 5 else ''}, counted from 0 after the header); fill or delete "
+                         "them (extract keeps one activation per row, so it does not skip rows)")
+
+
+def _book_check(book, notebooks: list[Path]) -> int:
+    paths = notebooks or book.executed_notebooks(book.repo_root())
+    if not paths:
+        print("adaptivek: error: no executed chapters found; run `adaptivek book run` first", file=sys.stderr)
+        return 2
+    problems = book.check_executed(paths)
+    for line in problems:
+        print(line, file=sys.stderr)
+    if problems:
+        return 1
+    print(f"{len(paths)} executed chapters: no errors, every one has a figure")
+    return 0
+
+
+def _dispatch(args) -> int:
     from . import book
 
-    try:
-        if args.command == "book" and args.action == "run":
-            book.run_book(args.profile, only=args.only, dry_run=args.dry_run)
-        elif args.command == "book" and args.action == "build":
-            book.build_book()
-        elif args.command == "book" and args.action == "check":
-            root = book.repo_root()
-            paths = args.notebooks or sorted((root / "_build" / "executed" / "book").glob("*.ipynb"))
-            paths = [p for p in paths if not p.name.endswith(".failed.ipynb")]
-            if not paths:
-                print("no executed chapters found; run `adaptivek book run` first", file=sys.stderr)
-                return 1
-            problems = book.check_executed(paths)
-            for line in problems:
-                print(line, file=sys.stderr)
-            if problems:
-                return 1
-            print(f"{len(paths)} executed chapters: no errors, every one has a figure")
-        elif args.command == "extract":
-            from .distributed import main_extract
+    if args.command == "book" and args.action == "run":
+        book.run_book(args.profile, only=args.only, dry_run=args.dry_run)
+    elif args.command == "book" and args.action == "build":
+        book.build_book()
+    elif args.command == "book" and args.action == "check":
+        return _book_check(book, args.notebooks)
+    elif args.command == "extract":
+        from .distributed import main_extract
 
-            main_extract(args)
-        elif args.command == "data" and args.action == "fetch":
-            from .corpus import fetch_data
+        check_texts_file(args.texts, args.column)
+        main_extract(args)
+    elif args.command == "data" and args.action == "fetch":
+        from .corpus import fetch_data
 
-            fetch_data()
-    except (book.ChapterFailed, FileNotFoundError, ValueError, RuntimeError, OSError) as e:
-        print(f"adaptivek: error: {e}", file=sys.stderr)
-        return 1
+        fetch_data()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .book import ChapterFailed
+
+    try:
+        return _dispatch(args)
+    except ChapterFailed as e:
+        if args.debug:
+            raise
+        print(f"adaptivek: {e}", file=sys.stderr)
+        return 1
+    except INPUT_ERRORS as e:
+        if args.debug:
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"adaptivek: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

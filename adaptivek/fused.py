@@ -67,9 +67,14 @@ def _encode_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: Tensor, buckets: i
     ``xc = x - b_dec``. ``acts`` are ReLU'd and descending but not masked; ``keep`` is the mask (columns
     ``>= k_i`` hold further values or zero padding). Rows are sorted by k and cut into ``buckets`` groups,
     each topk'd at its own largest k. ``pre``'s rows are then in that sorted order and ``pre[inv]`` is in
-    the batch's order (``inv`` is None when no sort happened). Differentiable by plain autograd.
+    the batch's order (``inv`` is None when no sort happened). Differentiable by plain autograd. An empty
+    batch gives empty codes ``[0, 0]``.
     """
-    B, k_max = len(xc), int(k.max())
+    B = len(xc)
+    if B == 0:  # an empty batch: its [0, d_sae] pre-activations and [0, 0] codes
+        pre = _addmm(b_enc, xc, W_enc, matmul_dtype)
+        return pre, pre.new_zeros(0, 0), k.new_zeros(0, 0), torch.zeros(0, 0, dtype=torch.bool, device=xc.device), None
+    k_max = int(k.max())
     buckets = TOPK_BUCKETS.get(xc.device.type, 1) if buckets is None else buckets
     if buckets < 2 or B < 2 * buckets or int(k.min()) == k_max:
         pre = _addmm(b_enc, xc, W_enc, matmul_dtype)  # [B, d_sae]; ReLU after the top-k: same codes, one pass less

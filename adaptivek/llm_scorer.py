@@ -8,8 +8,15 @@ and turns every failure into NaN with the reason in an ``error`` column and the 
 
 Works with OpenAI, vLLM, llama.cpp, Ollama, LM Studio ... (``base_url`` up to ``/v1``). Requests
 run ``concurrency`` at a time in threads (so it also works inside Jupyter's event loop), with
-exponential backoff on timeouts, connection errors, 408/429 and 5xx. Successful replies are cached
-on disk, one JSON file per (model, prompt version, text), written atomically.
+exponential backoff on timeouts, connection errors, 408/429 and 5xx (a server's ``Retry-After`` is
+honoured up to 60 s; a negative, non-finite or unparsable one falls back to that backoff). Successful
+replies are cached on disk, one JSON file per (model, prompt version, text), written atomically; a
+cache directory that cannot be written is refused before any request is sent.
+
+No reply is thrown away: every text is scored on its own, so a failure of any kind (an HTTP error, a
+broken reply, an unexpected exception, a cache write that fails) costs only that text's row, which
+becomes NaN with the reason in ``error``. Error texts are passed through :func:`redact` before they
+are stored or logged, so a server that echoes the API key (in full or masked) does not leak it.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import math
 import os
 import random
 import re
+import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -69,6 +77,21 @@ _ALIASES = {f"{d}_{s}": d for d, s in [("lexical", "complexity"), ("syntactic", 
                                          ("logical", "structure"), ("contextual", "dependencies")]}
 _RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 _FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.S)
+MAX_RETRY_AFTER = 60.0  # seconds: a longer Retry-After is cut to this
+
+REDACTED = "[REDACTED]"
+# what looks like a credential in an error body, a log line or an exception message -> its replacement
+_SECRET_PATTERNS = [
+    (re.compile(r"(?i)\b(bearer)\s+[^\s\"',;]+"), rf"\1 {REDACTED}"),  # an Authorization header value
+    (re.compile(r"(?i)\b((?:x-)?api[_-]?key|(?:access[_-]?)?token|secret|password|authorization)(\"?\s*[:=]\s*\"?)"
+                r"[^\s\"',;}]+"), rf"\1\2{REDACTED}"),  # key=value and "key": "value"
+    (re.compile(r"\bsk-[\w*.-]{3,}"), REDACTED),  # OpenAI-style keys, also masked as sk-...****abcd
+    (re.compile(r"[^\s\"',;:=]*\*{3,}[^\s\"',;]*"), REDACTED),  # any token a server partly masked with ***
+    (re.compile(r"(?<![\w-])[0-9a-fA-F]{32,}(?![\w-])"), REDACTED),  # long hex tokens
+    (re.compile(r"(?<![\w+/-])(?=[\w+/=-]*\d)(?=[\w+/=-]*[A-Za-z])[\w+/-]{32,}={0,2}(?![\w+/=-])"),
+     REDACTED),  # base64-like tokens mixing letters and digits
+    (re.compile(r"(?<=://)[^/\s:@]+:[^/\s@]+(?=@)"), REDACTED),  # user:password@ in a URL
+]
 
 
 def parse_scores(content: str) -> tuple[dict[str, float] | None, str | None]:
@@ -103,6 +126,42 @@ def weighted(scores: dict[str, float]) -> float:
     return sum(scores[d] * w for d, w in DIMENSIONS.items())
 
 
+def redact(text: str, secrets: Sequence[str | None] = ()) -> str:
+    """``text`` with anything that looks like a credential replaced by ``[REDACTED]``.
+
+    Removes each of ``secrets`` verbatim (the scorer passes its own API key), then bearer/basic
+    tokens, ``api_key=...``-style pairs, ``sk-...`` keys, tokens partly masked with ``***``, hex
+    tokens of 32+ digits, base64-like tokens of 32+ characters mixing letters and digits, and the
+    password of a ``user:password@host`` URL. Used on every error text before it is stored or logged.
+    """
+    text = str(text)
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, REDACTED)
+    for pat, replacement in _SECRET_PATTERNS:
+        text = pat.sub(replacement, text)
+    return text
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (seconds or an HTTP date), at most
+    ``MAX_RETRY_AFTER``; None (use the backoff) when it is absent, negative, not finite or unparsable."""
+    if value is None:
+        return None
+    try:
+        wait = float(value)
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+
+        try:
+            wait = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+    if not math.isfinite(wait) or wait < 0:
+        return None
+    return min(wait, MAX_RETRY_AFTER)
+
+
 class LLMScorer:
     """Score texts with an LLM on the paper's six-dimension rubric.
 
@@ -115,8 +174,9 @@ class LLMScorer:
         concurrency: requests in flight at once.
         timeout: seconds per request.
         max_retries: retries after the first attempt on timeouts, connection errors, 408/429/5xx.
-        backoff: first retry delay in seconds, doubled each retry (a server's Retry-After wins).
+        backoff: first retry delay in seconds, doubled each retry (a server's valid Retry-After wins).
         cache_dir: where replies are cached; default ``cache_root()/llm_labels``; ``False`` disables.
+            One that cannot be written makes ``score`` raise before it sends any request.
         temperature: sampling temperature (the paper used 0.1).
         json_mode: send ``response_format={"type": "json_object"}`` (turn off for servers without it).
     """
@@ -140,6 +200,7 @@ class LLMScorer:
         int_at_least(concurrency, "concurrency")
         int_at_least(max_retries, "max_retries", 0)
         finite_number(timeout, "timeout", low=0, low_open=True)
+        finite_number(backoff, "backoff", low=0)
         url = base_url.rstrip("/")
         self.url = url if url.endswith("/chat/completions") else f"{url}/chat/completions"
         self.model = model
@@ -199,10 +260,7 @@ class LLMScorer:
                 continue
             if r.status_code in _RETRY_STATUS:
                 reason = f"HTTP {r.status_code}: {r.text[:200]}"
-                try:
-                    wait = min(float(r.headers.get("retry-after", 0)), 60.0)
-                except ValueError:
-                    wait = 0.0
+                wait = _retry_after(r.headers.get("retry-after")) or 0.0
                 continue
             if r.status_code != 200:
                 return None, f"HTTP {r.status_code} (not retried): {r.text[:200]}"
@@ -213,25 +271,63 @@ class LLMScorer:
             return parse_scores(content if isinstance(content, str) else json.dumps(content))
         return None, f"{reason} (gave up after {self.max_retries + 1} attempts)"
 
+    def _redact(self, text: str) -> str:
+        return redact(text, [self.api_key])
+
     def _score_one(self, client, text: str) -> dict[str, Any]:
+        """One text's row; any exception costs only this row (NaN with the reason), never the others."""
         if not text.strip():
             return {"error": "empty text"}
-        scores = self._cached(text)
-        if scores is None:
-            scores, err = self._request(client, text)
-            if err is not None:
-                log.warning("LLM label failed (%s) for text %r", err, text[:60])
-                return {"error": err}
-            path = self._cache_path(text)
-            if path is not None:
-                write_json(path, {"model": self.model, "prompt_version": PROMPT_VERSION, "scores": scores})
+        try:
+            scores = self._cached(text)
+            if scores is None:
+                scores, err = self._request(client, text)
+                if err is not None:
+                    err = self._redact(err)
+                    log.warning("LLM label failed (%s) for text %r", err, text[:60])
+                    return {"error": err}
+                self._store(text, scores)
+        except Exception as e:  # noqa: BLE001 - a bug or fault here must not discard the other replies
+            err = self._redact(f"unexpected error: {type(e).__name__}: {e}")
+            log.warning("LLM label failed (%s) for text %r", err, text[:60])
+            return {"error": err}
         return {**scores, "complexity": weighted(scores), "error": None}
 
+    def _store(self, text: str, scores: dict[str, float]) -> None:
+        """Cache a reply; a failed write is logged and the reply kept (it was received and paid for)."""
+        path = self._cache_path(text)
+        if path is None:
+            return
+        try:
+            write_json(path, {"model": self.model, "prompt_version": PROMPT_VERSION, "scores": scores})
+        except OSError as e:
+            log.warning("could not cache an LLM reply in %s (%s); the label is kept", path.parent, e)
+
+    def _check_cache_dir(self) -> None:
+        """Refuse a cache directory that cannot be created or written, before any request is paid for."""
+        if self.cache_dir is None:
+            return
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.cache_dir):
+                pass
+        except OSError as e:
+            raise PermissionError(
+                f"LLMScorer cannot write its cache directory {self.cache_dir} ({type(e).__name__}: "
+                f"{e.strerror or e}); pass a writable cache_dir=, or cache_dir=False to score without a cache"
+            ) from None
+
     def score(self, texts: Sequence[str]) -> pd.DataFrame:
-        """One row per text: the six dimensions and ``complexity`` in [0, 10] (NaN on failure), ``error``."""
+        """One row per text: the six dimensions and ``complexity`` in [0, 10] (NaN on failure), ``error``.
+
+        Raises ``PermissionError`` before any request when ``cache_dir`` cannot be written. Otherwise
+        it never raises for a single text: failed rows are NaN, their (redacted) reason in ``error``,
+        and one warning counts them by reason.
+        """
         import httpx
 
         texts = text_list(texts)
+        self._check_cache_dir()
         limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
         with httpx.Client(limits=limits) as client, ThreadPoolExecutor(self.concurrency) as pool:
             rows = list(pool.map(lambda t: self._score_one(client, t), texts))

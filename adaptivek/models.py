@@ -10,17 +10,29 @@ runs the paper's models (Pythia, Gemma-2) with the same code.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
 import socket
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .io import atomic_dir, cache_root
+from .io import (
+    CacheWarning,
+    _umask,
+    atomic_dir,
+    bytes_digest,
+    cache_root,
+    digest_algorithm,
+    file_digest,
+    new_hasher,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,24 +106,133 @@ def _embedded_gguf(spec: EmbeddedModel) -> Path:
     return path
 
 
+CHECKSUMS_FILE = "adaptivek-checksums.json"  # inside a converted directory: every file's size and checksum
+
+
 def embedded_model_dir(name: str = "smollm2-135m") -> Path:
     """Directory of the converted (safetensors) copy of an embedded model; converts on first use.
 
     The conversion writes into a temporary directory that is renamed into place only when
-    complete, so an interrupted first run leaves nothing that a later run would trust.
+    complete, so an interrupted first run leaves nothing that a later run would trust. The
+    directory holds ``adaptivek-checksums.json`` (each file's size and checksum, and the GGUF's):
+    every use verifies it (once per process while the files are unchanged), and a directory that
+    fails, or was converted from another GGUF file, is converted again with a :class:`CacheWarning`.
     """
+    return _embedded(name)[0]
+
+
+def _embedded(name: str) -> tuple[Path, str]:
+    """The verified converted directory of ``name`` and its content identity (GGUF checksum + format)."""
     spec = EMBEDDED_MODELS[name]
     gguf = _embedded_gguf(spec)
-    stamp = f"{gguf.stat().st_size}-v{CONVERTED_FORMAT}"
-    target = cache_root() / "models" / f"{name}-{stamp}"
-    if (target / "config.json").is_file():
-        return target
-    if target.exists():  # not written by us in one piece (we rename complete dirs only): rebuild
-        shutil.rmtree(target)
-    log.warning("converting the embedded model %s from GGUF once (about 20 s); cached in %s", name, target)
-    with atomic_dir(target) as tmp:
-        _convert_gguf(gguf, tmp)
-    return target
+    gguf_digest = _memo_file_digest(gguf)
+    target = cache_root() / "models" / f"{name}-{gguf.stat().st_size}-v{CONVERTED_FORMAT}"
+    problem = _converted_problem(target, gguf_digest)
+    if problem is not None:
+        if target.exists():
+            warnings.warn(f"{target}: {problem}; converting the embedded model again", CacheWarning, stacklevel=3)
+            _remove_dir(target)
+        log.warning("converting the embedded model %s from GGUF once (about 20 s); cached in %s", name, target)
+        with atomic_dir(target) as tmp:
+            _convert_gguf(gguf, tmp)
+            _write_checksums(tmp, gguf_digest)
+    return target, f"gguf:{gguf_digest}/conversion-v{CONVERTED_FORMAT}"
+
+
+def _write_checksums(folder: Path, gguf_digest: str) -> None:
+    """Record each file's size and checksum (and give it ordinary permissions: safetensors writes 0600)."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != CHECKSUMS_FILE)
+    for p in files:
+        os.chmod(p, 0o666 & ~_umask())
+    write_json(folder / CHECKSUMS_FILE, {
+        "format": CONVERTED_FORMAT, "gguf": gguf_digest,
+        "files": {p.name: {"size": p.stat().st_size, "digest": file_digest(p)} for p in files}})
+
+
+_VERIFIED: dict[Path, tuple] = {}  # converted dirs verified in this process -> their files' stat signature
+
+
+def _converted_problem(target: Path, gguf_digest: str) -> str | None:
+    """Why ``target`` cannot be used as it is (None: verified); adopts a directory of an older adaptivek."""
+    if not (target / "config.json").is_file():
+        return "it is incomplete (no config.json)"
+    sums = target / CHECKSUMS_FILE
+    if not sums.is_file():
+        problem = _legacy_problem(target)
+        if problem is None:  # converted in one piece by an adaptivek that wrote no checksums: adopt it
+            try:
+                _write_checksums(target, gguf_digest)
+            except OSError as e:  # a read-only cache: use it as it is
+                log.info("cannot record checksums in %s (%s); using it unverified", target, e)
+        return problem
+    try:
+        info = json.loads(sums.read_text())
+        files, stored_gguf = dict(info["files"]), info["gguf"]
+    except (ValueError, KeyError, TypeError) as e:
+        return f"its {CHECKSUMS_FILE} is unreadable ({e})"
+    if stored_gguf != gguf_digest:
+        return "it was converted from a different GGUF file"
+    signature = tuple((n, *_stat_key(target / n)) for n in sorted(files))
+    if _VERIFIED.get(target) == signature:
+        return None
+    for fname, want in files.items():
+        path = target / fname
+        if not path.is_file():
+            return f"{fname} is missing"
+        if path.stat().st_size != want.get("size"):
+            return f"{fname} is {path.stat().st_size} bytes, the checksum file says {want.get('size')} (truncated?)"
+        algorithm = str(want.get("digest", "")).split(":")[0]
+        if algorithm != digest_algorithm() and algorithm != "sha256":
+            return f"{fname} has a {algorithm!r} checksum, which this environment cannot compute"
+        if file_digest(path, algorithm) != want.get("digest"):
+            return f"{fname} does not match its checksum (its bytes changed after conversion)"
+    _VERIFIED[target] = signature
+    return None
+
+
+def _legacy_problem(target: Path) -> str | None:
+    """A structural check of a directory converted before checksums were written (None: complete)."""
+    from safetensors import safe_open
+
+    weights = sorted(target.glob("*.safetensors"))
+    if not weights:
+        return "it has no *.safetensors weights"
+    for w in weights:
+        try:
+            with safe_open(str(w), "pt"):
+                pass  # parsing the header checks that the file covers every tensor
+        except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
+            return f"{w.name} is unreadable ({e})"
+    return None
+
+
+def _remove_dir(path: Path) -> None:
+    """Move ``path`` aside, then delete it (a reader never sees a half-deleted directory at ``path``)."""
+    aside = path.with_name(f".{path.name}.corrupt-{os.getpid()}")
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _stat_key(path: Path) -> tuple:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return (None,)
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime, inode) -> checksum, for files hashed in this process
+
+
+def _memo_file_digest(path: Path) -> str:
+    """:func:`adaptivek.io.file_digest`, computed once per process while the file is unchanged."""
+    key = (str(path.resolve()), *_stat_key(path))
+    if key not in _DIGESTS:
+        _DIGESTS[key] = file_digest(path)
+    return _DIGESTS[key]
 
 
 def _convert_gguf(gguf: Path, dest: Path) -> None:
@@ -143,8 +264,6 @@ RANDOM_PREFIX = "random:"
 
 def stored_configs() -> dict[str, dict[str, Any]]:
     """Architecture configs of the paper's models, shipped with the package for dry runs."""
-    import json
-
     data = json.loads((Path(__file__).parent / "data" / "model_configs.json").read_text())
     return {k: v for k, v in data.items() if not k.startswith("_")}
 
@@ -250,46 +369,111 @@ def load_model(
         name: ``"smollm2-135m"`` (embedded, offline), a hub id such as
             ``"EleutherAI/pythia-70m-deduped"``, a local model directory, or ``"random:<hub id>"``
             for a randomly initialised model with that model's stored config (dry runs).
-        device: where to put the weights (default CPU); ``"cuda"``, or ``"auto"`` for CUDA when present.
+        device: where to put the weights (default CPU); ``"cuda"``, or ``"auto"`` for CUDA when present
+            (``"cuda"`` without CUDA is a ValueError that says so).
         dtype: weight dtype (default float32), e.g. ``torch.bfloat16`` or ``"bfloat16"``.
         revision: hub revision (branch, tag or commit), recorded in activation-cache keys.
         block_path: attribute path of the decoder-block list, for architectures we do not know.
+
+    The weights' content identity (:func:`model_fingerprint`) is recorded for activation-cache keys.
     """
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"model name must be a non-empty string, got {name!r}")
-    dtype = _dtype(dtype)
+    dtype = _dtype(dtype) or torch.float32
     device = pick_device(device)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if name.startswith(RANDOM_PREFIX):  # dry runs: same architecture and size, random weights
-        model, tok = _random_model(name[len(RANDOM_PREFIX):], dtype or torch.float32)
+        model, tok = _random_model(name[len(RANDOM_PREFIX):], dtype)
+        fingerprint = _random_fingerprint(name[len(RANDOM_PREFIX):])
     else:
-        source, kwargs = _resolve_source(name, revision)
-        tok = AutoTokenizer.from_pretrained(source, **kwargs)
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # the per-tensor "Loading weights" bar is noise in notebooks
-        try:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32, **kwargs)
-        finally:
-            hf_logging.enable_progress_bar()
+        model, tok, fingerprint = _pretrained(name, revision, dtype)
     if tok.pad_token is None:  # GPT-NeoX / GPT-2 ship without a pad token
         tok.pad_token = tok.eos_token
     model.eval().to(device)
-    return wrap_model(model, tok, name=name, revision=revision, block_path=block_path)
+    return wrap_model(model, tok, name=name, revision=revision, block_path=block_path, fingerprint=fingerprint)
+
+
+def _pretrained(name: str, revision: str | None, dtype: torch.dtype):
+    """Model, tokenizer and content identity of an embedded model, a local directory or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    source, kwargs = _resolve_source(name, revision)
+    tok = AutoTokenizer.from_pretrained(source, **kwargs)
+    hf_logging.disable_progress_bar()  # the per-tensor "Loading weights" bar is noise in notebooks
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    finally:
+        hf_logging.enable_progress_bar()
+    if name in EMBEDDED_MODELS:
+        fingerprint = _embedded(name)[1]
+    elif Path(source).is_dir():
+        fingerprint = _dir_fingerprint(Path(source))
+    else:
+        fingerprint = _hub_fingerprint(name, revision)
+    return model, tok, fingerprint
+
+
+def _dir_fingerprint(folder: Path) -> str:
+    """Identity of a local model directory: the checksum of every (non-hidden) file in it, by name.
+
+    Weights, config and tokenizer files all change what the model computes, so all are covered; a
+    README edit makes a harmless cache miss. Each file is hashed once per process while unchanged.
+    """
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    listing = "\n".join(f"{p.name}\t{_memo_file_digest(p)}" for p in files)
+    return "dir:" + bytes_digest(listing.encode())
+
+
+def _hub_fingerprint(name: str, revision: str | None) -> str | None:
+    """``hub:<id>@<commit>`` from the local Hugging Face cache, or None (then the weights are hashed)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "config.json", revision=revision)
+    if isinstance(cached, str) and Path(cached).parent.parent.name == "snapshots":
+        return f"hub:{name}@{Path(cached).parent.name}"
+    return None
+
+
+def _random_fingerprint(hub_id: str, seed: int = 0) -> str:
+    """Identity of a dry-run model: what :func:`_random_model` builds it from (no weights to hash)."""
+    recipe = {"hub_id": hub_id, "seed": seed, "config": stored_configs()[hub_id], "fill_period": _FILL_PERIOD}
+    return "random:" + bytes_digest(json.dumps(recipe, sort_keys=True).encode())
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """``None``/"cpu" -> CPU; ``"auto"`` -> CUDA when present, else MPS, else CPU; anything else as given."""
+    """``None``/"cpu" -> CPU; ``"auto"`` -> CUDA when present, else MPS, else CPU; anything else as given.
+
+    A device this machine does not have (``"cuda"`` without CUDA, ``"cuda:3"`` with one GPU, ``"mps"``
+    off Apple silicon) is a ValueError naming the fix, not a failure deep inside torch.
+    """
     if device is None:
         return torch.device("cpu")
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a device torch knows; use 'cpu', 'cuda', 'cuda:0', "
+                         f"'mps' or 'auto'") from e
+    fix = "use device='cpu', or device='auto' to take a GPU only when there is one"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device={device!r} but CUDA is not available ({why}); {fix}")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r} but this machine has {torch.cuda.device_count()} CUDA "
+                             f"device(s), numbered from 0; {fix}")
+    if dev.type == "mps" and not _mps_available():
+        raise ValueError(f"device={device!r} but Apple's MPS backend is not available here; {fix}")
+    return dev
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
 def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -314,8 +498,12 @@ def load_tokenizer(name: str = "smollm2-135m", *, revision: str | None = None):
 
 
 def wrap_model(model: torch.nn.Module, tokenizer, *, name: str, revision: str | None = None,
-               block_path: str | None = None):
-    """Wrap an already-built transformers model (e.g. a tiny random one) like ``load_model`` does."""
+               block_path: str | None = None, fingerprint: str | None = None):
+    """Wrap an already-built transformers model (e.g. a tiny random one) like ``load_model`` does.
+
+    ``fingerprint`` names the weights' content for activation-cache keys; leave it None to have
+    :func:`model_fingerprint` hash the weights on first use.
+    """
     from nnsight import TransformersModel
 
     path = block_path or find_block_path(model)
@@ -328,7 +516,48 @@ def wrap_model(model: torch.nn.Module, tokenizer, *, name: str, revision: str | 
     lm = TransformersModel(model, tokenizer=tokenizer)
     # our bookkeeping lives on the wrapped HF model (nnsight proxies attribute access to it)
     model._adaptivek = {"name": name, "revision": revision, "block_path": path}
+    model._adaptivek_fingerprint = (_weights_version(model), fingerprint)
     return lm
+
+
+def model_fingerprint(lm) -> str:
+    """The content identity of the model's weights, for activation-cache keys (memoised per model).
+
+    The rule, by where the weights came from:
+
+    - embedded model: the checksum of its GGUF file and the conversion format;
+    - local directory: the checksums of the directory's files (weights, config, tokenizer);
+    - hub id: ``hub:<id>@<commit>``, the commit resolved in the local Hugging Face cache;
+    - ``random:<hub id>``: the stored config, seed and fill recipe it is built from;
+    - anything else (a hub model with no resolvable commit, ``wrap_model`` without a fingerprint),
+      or weights changed in place after loading (``param.add_``, ``load_state_dict``; PyTorch's
+      version counters tell): a checksum of every tensor in the state dict, by name, dtype and shape.
+
+    Changes made through ``param.data`` escape the version counters: wrap such a model again.
+    The weights' dtype is not part of the fingerprint; cache keys record it separately.
+    """
+    model_info(lm)  # a TypeError unless adaptivek wrapped it
+    model = _hf(lm)
+    version, fingerprint = getattr(model, "_adaptivek_fingerprint", (None, None))
+    now = _weights_version(model)
+    if fingerprint is None or version != now:
+        fingerprint = "weights:" + _state_dict_digest(model)
+        model._adaptivek_fingerprint = (now, fingerprint)
+    return fingerprint
+
+
+def _weights_version(model: torch.nn.Module) -> int:
+    """Sum of PyTorch's in-place version counters over parameters and buffers (grows on every in-place write)."""
+    return sum(t._version for t in [*model.parameters(), *model.buffers()])
+
+
+def _state_dict_digest(model: torch.nn.Module) -> str:
+    """Checksum of every tensor of the state dict: name, dtype, shape and bytes (one pass over the weights)."""
+    algorithm, h = new_hasher()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}\t{t.dtype}\t{tuple(t.shape)}\n".encode())
+        h.update(t.detach().reshape(-1).cpu().contiguous().view(torch.uint8).numpy())  # raw bytes, any dtype
+    return f"{algorithm}:{h.hexdigest()}"
 
 
 def _hf(lm) -> torch.nn.Module:

@@ -14,7 +14,15 @@ last-token residual ``x`` with ridge regression, picks λ from {0.01, 0.1, 1, 10
 The solve is float64 and spectral: one SVD of the centred design matrix (via a QR first when
 it is tall; for very tall matrices an eigendecomposition of its Gram matrix) per fold gives the solution for every λ
 at once, ``w(λ) = V diag(1 / (s² + λ)) Vᵀ Xᵀy``; no matrix is ever inverted explicitly. The
-intercept is not penalised: X and y are centred, solved, and ``b = ȳ - x̄ᵀw``.
+intercept is not penalised: X and y are centred, solved, and ``b = ȳ - x̄ᵀw``. For very tall
+inputs with disjoint folds (token-level probes: ~10⁵ rows) the Gram sums of every fold are taken
+in one pass, and each training part's Gram matrix is their sum over the other folds: a CV, a nested
+CV or a grid extension then costs small ``d × d`` eigendecompositions, not passes over the rows.
+
+Beyond the paper: ``groups=`` makes the folds document-grouped (rows cut from one document are
+near-copies of each other, so a row CV flatters the probe and tends to pick too small a λ);
+``extend_grid=True`` widens the grid while its edge wins; :func:`out_of_fold_predict` gives
+every row a prediction from a probe that never saw its fold (AdaptiveK's training k).
 """
 
 from __future__ import annotations
@@ -23,9 +31,10 @@ import functools
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -36,15 +45,22 @@ from .stats import regression_metrics, validation_folds
 
 LAMBDAS: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)  # the paper's grid
 PROBE_FORMAT = 1
+MAX_GRID_EXTENSIONS = 6  # extend_grid: at most this many factors of 10 beyond the given grid
 _SVD_MAX_ELEMENTS = 2**25  # above this many entries in X (268 MB in float64) use the Gram route
+_CHUNK_ROWS = 4096  # rows cast to float64 at a time on the Gram route (19 MB at d = 576: reused heap, no mmap)
 _NOT_FINITE = ("a failed label or a broken activation cannot be probed: drop those rows "
                "(e.g. keep = torch.isfinite(y)) before fitting")
 
 
 # ----------------------------------------------------------------------------- input checks
 def _check_xy(X: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Paired features X [n, d] and labels y [n] (or [n, 1]) as float64: finite, n >= 2, y not constant."""
-    X = real_tensor(X, "X")
+    """Paired features X [n, d] and labels y [n] (or [n, 1]): finite, n >= 2, y not constant.
+
+    y becomes float64; a floating torch X keeps its dtype (the solver casts it to float64 a block of rows
+    at a time, so a large float32 X is never copied whole), anything else becomes float64.
+    """
+    floating = isinstance(X, torch.Tensor) and X.is_floating_point() and X.device.type != "mps"
+    X = X.detach() if floating else real_tensor(X, "X")
     y = real_tensor(y, "y")
     if X.ndim != 2:
         raise ValueError(f"X must be 2-D [n_samples, n_features], got shape {tuple(X.shape)}; "
@@ -113,29 +129,186 @@ def _ridge_weights(V: torch.Tensor, e: torch.Tensor, B: torch.Tensor, lam: torch
     return (V @ coef.reshape(len(e), -1)).reshape(V.shape[0], len(lam), B.shape[1])  # one matmul
 
 
-def _fit_all(X: torch.Tensor, Y: torch.Tensor, lam: torch.Tensor, standardize: bool):
-    """Fit every λ on X [n, d] and targets Y [n, m]: weights [d, L, m] in raw units, biases [L, m], stats."""
+class _Factors(NamedTuple):
+    """One training part's decomposition: the ridge fit for any λ without touching its rows again."""
+
+    V: torch.Tensor  # [d, r] right singular vectors of the centred (scaled) design
+    e: torch.Tensor  # [r] their squared singular values
+    B: torch.Tensor  # [r, m] Vᵀ Xcᵀ Yc
+    mean: torch.Tensor  # [d] feature mean of the part
+    scale: torch.Tensor  # [d] feature scale (ones without standardize)
+    y_mean: torch.Tensor  # [m]
+    y_lo: torch.Tensor  # [m] label range of the part: predictions are clamped to it
+    y_hi: torch.Tensor  # [m]
+
+
+def _direct_factors(X: torch.Tensor, Y: torch.Tensor, standardize: bool) -> _Factors:
+    """Decompose the training part X [n, d], Y [n, m] from its rows (:func:`_spectral`)."""
     mean, scale = _standardizer(X, standardize)
     y_mean = Y.mean(0)  # [m]
-    W = _ridge_weights(*_spectral((X - mean) / scale, Y - y_mean), lam) / scale[:, None, None]  # raw units
-    return W, y_mean - (mean @ W.reshape(W.shape[0], -1)).reshape(W.shape[1:]), mean, scale
+    V, e, B = _spectral((X - mean) / scale, Y - y_mean)
+    return _Factors(V, e, B, mean, scale, y_mean, Y.min(0).values, Y.max(0).values)
 
 
-def _cv_rmse(X: torch.Tensor, Y: torch.Tensor, lam: torch.Tensor, val_sets: list[torch.Tensor],
-             standardize: bool) -> torch.Tensor:
-    """Validation RMSE [F, L, m] of every fold, λ and target column, predictions clamped to each
-    training fold's label range (as ``predict`` clamps to the training range)."""
-    per_fold = []
-    for val in val_sets:
-        val = val.to(X.device)
-        train_mask = torch.ones(len(Y), dtype=torch.bool, device=X.device)
-        train_mask[val] = False
-        Yt = Y[train_mask]  # [n_t, m]
-        W, b, _, _ = _fit_all(X[train_mask], Yt, lam, standardize)  # [d, L, m], [L, m]
-        pred = (X[val] @ W.reshape(W.shape[0], -1)).reshape(len(val), *b.shape) + b  # [n_val, L, m]
-        pred = pred.clamp(Yt.min(0).values, Yt.max(0).values)
-        per_fold.append(((pred - Y[val][:, None, :]) ** 2).mean(0).sqrt())  # [L, m]
-    return torch.stack(per_fold)
+def _weights(f: _Factors, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights [d, L, m] in raw feature units and biases [L, m] for every λ."""
+    W = _ridge_weights(f.V, f.e, f.B, lam) / f.scale[:, None, None]
+    return W, f.y_mean - (f.mean @ W.reshape(W.shape[0], -1)).reshape(W.shape[1:])
+
+
+def _predict_rows(X: torch.Tensor, W: torch.Tensor, b: torch.Tensor, f: _Factors) -> torch.Tensor:
+    """Predictions [n, L, m] for rows X [n, d], clamped to the part's label range (as ``predict``)."""
+    pred = (X @ W.reshape(W.shape[0], -1)).reshape(len(X), *b.shape) + b
+    return pred.clamp(f.y_lo, f.y_hi)
+
+
+class _BlockSums(NamedTuple):
+    """Sums over row blocks (the validation folds, then the rows in no fold), in coordinates shifted by
+    the overall means so that ``Σxxᵀ - n x̄x̄ᵀ`` loses nothing to cancellation."""
+
+    x_shift: torch.Tensor  # [d]
+    y_shift: torch.Tensor  # [m]
+    n: torch.Tensor  # [K] rows per block
+    sx: torch.Tensor  # [K, d] Σ x
+    G: torch.Tensor  # [K, d, d] Σ x xᵀ
+    sy: torch.Tensor  # [K, m] Σ y
+    xy: torch.Tensor  # [K, d, m] Σ x yᵀ
+    y_lo: torch.Tensor  # [K, m] label range per block
+    y_hi: torch.Tensor  # [K, m]
+
+
+def _rows64(X: torch.Tensor, idx: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(indices [c], float64 rows X[indices] [c, d]) for chunks of ``idx``: X is never cast whole."""
+    for c in idx.split(_CHUNK_ROWS):
+        yield c, X[c].to(torch.float64)
+
+
+def _block_sums(X: torch.Tensor, Y: torch.Tensor, blocks: list[torch.Tensor]) -> _BlockSums:
+    """The sufficient statistics of every block: one pass over the rows for the Gram sums."""
+    f64 = {"dtype": torch.float64, "device": X.device}
+    d, m = X.shape[1], Y.shape[1]
+    x_shift = sum(x.sum(0) for _, x in _rows64(X, torch.arange(len(X), device=X.device))) / len(X)
+    y_shift = Y.mean(0)
+    per = []
+    for idx in blocks:
+        sx, G, xy = torch.zeros(d, **f64), torch.zeros(d, d, **f64), torch.zeros(d, m, **f64)
+        for c, x in _rows64(X, idx):
+            x, yc = x - x_shift, Y[c] - y_shift  # [c, d], [c, m]
+            sx += x.sum(0)
+            G.addmm_(x.T, x)
+            xy.addmm_(x.T, yc)
+        Yb = Y[idx]  # [n_b, m]
+        per.append((len(idx), sx, G, (Yb - y_shift).sum(0), xy, Yb.min(0).values, Yb.max(0).values))
+    n, sx, G, sy, xy, lo, hi = zip(*per, strict=True)
+    return _BlockSums(x_shift, y_shift, torch.tensor(n, **f64), *map(torch.stack, (sx, G, sy, xy, lo, hi)))
+
+
+def _sum_factors(s: _BlockSums, keep: torch.Tensor, standardize: bool) -> _Factors:
+    """Decompose the part made of the blocks in ``keep`` [K] from their sums (eigh of its Gram matrix)."""
+    n = s.n[keep].sum()
+    mx, my = s.sx[keep].sum(0) / n, s.sy[keep].sum(0) / n  # [d], [m] in shifted coordinates
+    second = s.G[keep].sum(0)  # [d, d]
+    C = second - n * torch.outer(mx, mx)  # Xcᵀ Xc
+    Cxy = s.xy[keep].sum(0) - n * torch.outer(mx, my)  # Xcᵀ Yc [d, m]
+    var = C.diagonal() / n
+    scale = torch.ones_like(mx)
+    if standardize:  # a feature whose variance is rounding noise of its second moment is constant
+        live = var > 1e-12 * second.diagonal() / n
+        scale = torch.where(live, var.clamp_min(0).sqrt(), scale)
+    e, V = torch.linalg.eigh(C / torch.outer(scale, scale))
+    return _Factors(V, e.clamp_min(0), V.T @ (Cxy / scale[:, None]), mx + s.x_shift, scale, my + s.y_shift,
+                    s.y_lo[keep].min(0).values, s.y_hi[keep].max(0).values)
+
+
+class _Parts:
+    """The training parts of a cross-validation (all rows minus some validation folds), decomposed on
+    demand and cached by the folds left out. Large tall problems with disjoint folds (any tall one with
+    ``gram_first``, for callers that need many parts) are decomposed from per-fold sums: one pass over the
+    rows serves every part, nested CV included. The rest are decomposed from their rows."""
+
+    def __init__(self, X: torch.Tensor, Y: torch.Tensor, val_sets: list[torch.Tensor], standardize: bool,
+                 gram_first: bool = False) -> None:
+        self.Y, self.standardize = Y, standardize
+        self.val_sets = [v.to(X.device) for v in val_sets]
+        self.cache: dict[frozenset[int], _Factors] = {}
+        self.X, self.sums = X, None
+        counts = torch.bincount(torch.cat(self.val_sets), minlength=len(Y))  # [n] folds holding each row
+        n, d = X.shape
+        if n > d and (gram_first or n * d > _SVD_MAX_ELEMENTS) and int(counts.max()) <= 1:
+            rest = (counts == 0).nonzero().flatten()
+            self.sums = _block_sums(X, Y, self.val_sets + ([rest] if len(rest) else []))
+        else:  # small enough to decompose from the rows, in float64
+            self.X = X.to(torch.float64)
+
+    def factors(self, out: frozenset[int]) -> _Factors:
+        """The decomposition of all rows but those of the folds in ``out``."""
+        if out not in self.cache:
+            if self.sums is not None:
+                keep = torch.ones(len(self.sums.n), dtype=torch.bool, device=self.X.device)
+                keep[list(out)] = False
+                self.cache[out] = _sum_factors(self.sums, keep, self.standardize)
+            elif not out:
+                self.cache[out] = _direct_factors(self.X, self.Y, self.standardize)
+            else:
+                mask = torch.ones(len(self.Y), dtype=torch.bool, device=self.X.device)
+                mask[torch.cat([self.val_sets[f] for f in out])] = False
+                self.cache[out] = _direct_factors(self.X[mask], self.Y[mask], self.standardize)
+        return self.cache[out]
+
+    def predict(self, idx: torch.Tensor, W: torch.Tensor, b: torch.Tensor, fac: _Factors) -> torch.Tensor:
+        """Clamped predictions [len(idx), L, m] for the rows ``idx`` (cast to float64 a chunk at a time)."""
+        return torch.cat([_predict_rows(x, W, b, fac) for _, x in _rows64(self.X, idx)])
+
+    def rmse(self, lam: torch.Tensor, outer: frozenset[int] = frozenset()) -> torch.Tensor:
+        """Validation RMSE [F', L, m] of every fold not in ``outer``, trained on the rest minus ``outer``."""
+        per_fold = []
+        for f, val in enumerate(self.val_sets):
+            if f in outer:
+                continue
+            fac = self.factors(outer | {f})
+            pred = self.predict(val, *_weights(fac, lam), fac)  # [n_val, L, m]
+            per_fold.append(((pred - self.Y[val][:, None, :]) ** 2).mean(0).sqrt())  # [L, m]
+        return torch.stack(per_fold)
+
+
+def _beyond_edge(lam: torch.Tensor, best: int) -> torch.Tensor:
+    """The λ values one factor of 10 past the grid's edge when the edge wins ([0], [1] or [2] values).
+    λ = 0 is a final edge: no penalty is as far as the small side goes."""
+    out = []  # 12 significant digits: repeated factors of 10 stay 1e-08, not 1.0000000000000002e-08
+    if lam[best] == lam.max() and lam.max() > 0:
+        out.append(float(f"{float(lam.max()) * 10:.12g}"))
+    if lam[best] == lam.min() and lam.min() > 0:
+        out.append(float(f"{float(lam.min()) / 10:.12g}"))
+    return torch.tensor(out, dtype=lam.dtype, device=lam.device)
+
+
+class _Choice(NamedTuple):
+    lambdas: torch.Tensor  # [L] the final grid (extensions appended)
+    fold_rmse: torch.Tensor  # [F, L]
+    best: int  # index of the chosen λ
+    extensions: int  # how many times the grid was extended
+    at_edge: bool  # the chosen λ is still the largest (or smallest non-zero) of the final grid
+
+
+def _choose(parts: _Parts, lam: torch.Tensor, extend: bool, outer: frozenset[int] = frozenset()) -> _Choice:
+    """λ with the lowest mean validation RMSE (first of equals); with ``extend``, while an edge wins,
+    add λ one factor of 10 beyond it (at most MAX_GRID_EXTENSIONS times, then warn)."""
+    fold_rmse = parts.rmse(lam, outer)[..., 0]  # [F, L]
+    extensions = 0
+    while True:
+        best = int(torch.argmin(fold_rmse.mean(0)))
+        new = _beyond_edge(lam, best)
+        if not (extend and len(new)) or extensions == MAX_GRID_EXTENSIONS:
+            break
+        lam = torch.cat([lam, new])
+        fold_rmse = torch.cat([fold_rmse, parts.rmse(new, outer)[..., 0]], dim=1)
+        extensions += 1
+    if extend and len(new):
+        warnings.warn(f"ridge probe: the λ grid's edge still wins after {MAX_GRID_EXTENSIONS} extensions by "
+                      f"factors of 10 (chosen λ = {float(lam[best]):g}, grid {float(lam.min()):g} .. "
+                      f"{float(lam.max()):g}); a huge λ means the features predict almost nothing, a tiny "
+                      f"one that no penalty is needed", stacklevel=3)
+    return _Choice(lam, fold_rmse, best, extensions, bool(len(new)))
 
 
 # ----------------------------------------------------------------------------- the probe
@@ -163,7 +336,9 @@ class RidgeProbe:
     λ; ``cv_rmse_folds`` [F, L]), ``weight`` [d] and ``bias`` (0-d) in float64 and in the units of
     the raw features, ``y_min``/``y_max`` (the training label range used to clamp), and, when
     ``standardize=True``, the training ``x_mean``/``x_scale`` the fit used (folded into ``weight``
-    and ``bias``, so ``predict`` is always one affine map: nothing to re-apply by hand).
+    and ``bias``, so ``predict`` is always one affine map: nothing to re-apply by hand);
+    ``grid_extensions`` (how often ``extend_grid`` widened the grid) and ``lambda_at_edge`` (the chosen
+    λ is the final grid's largest or smallest non-zero value: the best λ may lie beyond the grid).
     """
 
     def __init__(self, standardize: bool = False) -> None:
@@ -179,6 +354,8 @@ class RidgeProbe:
         self.y_min: float | None = None
         self.y_max: float | None = None
         self.n_train: int | None = None
+        self.grid_extensions: int = 0
+        self.lambda_at_edge: bool | None = None
 
     @property
     def is_fitted(self) -> bool:
@@ -201,7 +378,8 @@ class RidgeProbe:
 
     @_hybridmethod
     def fit(self, X: Any, y: Any, *, lambdas: Sequence[float] = LAMBDAS, folds: int | Sequence = 5,
-            seed: int = 0, standardize: bool | None = None) -> RidgeProbe:
+            seed: int = 0, groups: Any = None, extend_grid: bool = False,
+            standardize: bool | None = None) -> RidgeProbe:
         """Choose λ by k-fold CV (lowest mean validation RMSE), then refit on all of (X, y).
 
         Args:
@@ -209,6 +387,14 @@ class RidgeProbe:
             lambdas: the ridge penalties to try (>= 0, same scale as the code: Σ residual² + λ‖w‖²).
             folds: number of folds (rows shuffled with ``seed``), or explicit validation-index arrays.
             seed: seed of the fold assignment.
+            groups: one group id per row (the document it came from): the folds are then
+                :func:`~adaptivek.stats.group_kfold`, so no document is split across folds (rows of one
+                document look alike, and a row CV would score the probe on near-copies of its training
+                rows). Explicit folds are checked against it.
+            extend_grid: while CV picks the grid's largest (or smallest non-zero) λ, add λ one factor of
+                10 beyond it, at most ``MAX_GRID_EXTENSIONS`` times (then warn). ``lambdas`` and
+                ``cv_rmse`` hold the final grid, ``grid_extensions`` the count, ``lambda_at_edge``
+                whether the chosen λ is still at the edge.
             standardize: z-score features with training-fold statistics (None: keep the probe's setting).
         Validation RMSE uses predictions clamped to each training fold's label range, as ``predict`` does.
         With a single λ the CV still runs (``cv_rmse`` is reported) but cannot change the choice.
@@ -217,15 +403,15 @@ class RidgeProbe:
             self.standardize = bool(standardize)
         X, y = _check_xy(X, y)
         lam = _check_lambdas(lambdas).to(X.device)
-        val_sets = validation_folds(folds, len(y), seed)
-        fold_rmse = _cv_rmse(X, y[:, None], lam, val_sets, self.standardize)[..., 0]  # [F, L]
-        mean_rmse = fold_rmse.mean(0)
-        best = int(torch.argmin(mean_rmse))  # first of equals: the grid order breaks ties
-        W, b, mean, scale = _fit_all(X, y[:, None], lam[best:best + 1], self.standardize)
-        self.lambda_ = float(lam[best])
-        self.lambdas, self.cv_rmse, self.cv_rmse_folds = lam.cpu(), mean_rmse.cpu(), fold_rmse.cpu()
+        parts = _Parts(X, y[:, None], validation_folds(folds, len(y), seed, groups=groups), self.standardize)
+        c = _choose(parts, lam, bool(extend_grid))
+        full = parts.factors(frozenset())
+        W, b = _weights(full, c.lambdas[c.best:c.best + 1])  # [d, 1, 1], [1, 1]
+        self.lambda_ = float(c.lambdas[c.best])
+        self.lambdas, self.cv_rmse, self.cv_rmse_folds = c.lambdas.cpu(), c.fold_rmse.mean(0).cpu(), c.fold_rmse.cpu()
+        self.grid_extensions, self.lambda_at_edge = c.extensions, c.at_edge
         self.weight, self.bias = W[:, 0, 0].cpu(), b[0, 0].cpu()
-        self.x_mean, self.x_scale = mean.cpu(), scale.cpu()
+        self.x_mean, self.x_scale = full.mean.cpu(), full.scale.cpu()
         self.y_min, self.y_max = float(y.min()), float(y.max())
         self.n_train = len(y)
         return self
@@ -264,7 +450,10 @@ class RidgeProbe:
              "cv_rmse": self.cv_rmse, "cv_rmse_folds": self.cv_rmse_folds,
              "standardize": torch.tensor(int(self.standardize), dtype=torch.int64),
              "n_train": torch.tensor(self.n_train, dtype=torch.int64),
+             "grid_extensions": torch.tensor(self.grid_extensions, dtype=torch.int64),
              "format": torch.tensor(PROBE_FORMAT, dtype=torch.int64)}
+        if self.lambda_at_edge is not None:
+            t["lambda_at_edge"] = torch.tensor(int(self.lambda_at_edge), dtype=torch.int64)
         return {f"{prefix}{k}": v.detach().cpu().contiguous() for k, v in t.items()}
 
     @classmethod
@@ -285,6 +474,10 @@ class RidgeProbe:
         p.lambda_ = float(t["lambda_"])
         p.lambdas, p.cv_rmse, p.cv_rmse_folds = t["lambdas"], t["cv_rmse"], t["cv_rmse_folds"]
         p.n_train = int(t["n_train"])
+        # optional: files written before grid extension was added lack them
+        p.grid_extensions = int(tensors.get(f"{prefix}grid_extensions", torch.tensor(0)))
+        edge = tensors.get(f"{prefix}lambda_at_edge")
+        p.lambda_at_edge = None if edge is None else bool(int(edge))
         return p
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -295,6 +488,7 @@ class RidgeProbe:
             "class": "RidgeProbe", "format": PROBE_FORMAT, "d": self.d, "lambda_": self.lambda_,
             "lambdas": self.lambdas.tolist(), "cv_rmse": self.cv_rmse.tolist(), "standardize": self.standardize,
             "y_min": self.y_min, "y_max": self.y_max, "n_train": self.n_train, "bias": float(self.bias),
+            "grid_extensions": self.grid_extensions, "lambda_at_edge": self.lambda_at_edge,
             "objective": "sum (y - Xw - b)^2 + lambda * ||w||^2, intercept unpenalised"})
         return path
 
@@ -317,9 +511,9 @@ class RidgeProbe:
 
 
 def fit_many(X: Any, Y: Any, *, lambdas: Sequence[float] = LAMBDAS, folds: int | Sequence = 5, seed: int = 0,
-             standardize: bool = False) -> list[RidgeProbe]:
+             groups: Any = None, standardize: bool = False) -> list[RidgeProbe]:
     """One :class:`RidgeProbe` per column of ``Y`` [n, m] (e.g. permuted labels), each exactly as
-    ``RidgeProbe.fit(X, Y[:, j])`` would fit it, but sharing one decomposition per fold."""
+    ``RidgeProbe.fit(X, Y[:, j], groups=groups)`` would fit it, but sharing one decomposition per fold."""
     Y = real_tensor(Y, "Y")
     if Y.ndim != 2:
         raise ValueError(f"Y must be 2-D [n_samples, n_targets], got shape {tuple(Y.shape)}")
@@ -328,10 +522,13 @@ def fit_many(X: Any, Y: Any, *, lambdas: Sequence[float] = LAMBDAS, folds: int |
     for j in range(1, Y.shape[1]):
         _check_xy(X[:1].expand(len(Y), -1), Y[:, j])  # finite, non-constant (X already checked)
     lam = _check_lambdas(lambdas).to(X.device)
-    fold_rmse = _cv_rmse(X, Y, lam, validation_folds(folds, len(Y), seed), standardize)  # [F, L, m]
+    parts = _Parts(X, Y, validation_folds(folds, len(Y), seed, groups=groups), standardize)
+    fold_rmse = parts.rmse(lam)  # [F, L, m]
     mean_rmse = fold_rmse.mean(0)  # [L, m]
     best = mean_rmse.argmin(0)  # [m]
-    W, b, mean, scale = _fit_all(X, Y, lam, standardize)  # [d, L, m], [L, m]
+    full = parts.factors(frozenset())
+    W, b = _weights(full, lam)  # [d, L, m], [L, m]
+    mean, scale = full.mean, full.scale
     cols = torch.arange(Y.shape[1], device=X.device)
     W, b = W[:, best, cols].cpu(), b[best, cols].cpu()  # [d, m], [m]
     probes = []
@@ -343,8 +540,45 @@ def fit_many(X: Any, Y: Any, *, lambdas: Sequence[float] = LAMBDAS, folds: int |
         p.x_mean, p.x_scale = mean.cpu(), scale.cpu()
         p.y_min, p.y_max = float(Y[:, j].min()), float(Y[:, j].max())
         p.n_train = len(Y)
+        p.lambda_at_edge = bool(len(_beyond_edge(lam, int(best[j]))))
         probes.append(p)
     return probes
+
+
+def out_of_fold_predict(X: Any, y: Any, *, groups: Any, folds: int | Sequence = 5,
+                        lambdas: Sequence[float] = LAMBDAS, seed: int = 0, extend_grid: bool = True,
+                        standardize: bool = False) -> torch.Tensor:
+    """Out-of-fold ridge predictions [n]: row i is predicted by a probe that never saw its fold.
+
+    What AdaptiveK's training k should come from: in-sample predictions are closer to the labels than
+    anything the probe will produce on new data, so an SAE trained on them learns a k that is too
+    label-aligned. Folds are :func:`~adaptivek.stats.group_kfold` over ``groups`` (one document id per
+    row; ``None`` treats rows as independent), or explicit validation sets that partition the rows.
+
+    λ is chosen inside each training part (a nested CV whose inner folds are the other outer folds,
+    grid extended as in :meth:`RidgeProbe.fit`), never once on all rows: a λ picked with row i's label
+    would let that label reach row i's prediction; here it cannot (a test changes one label and checks).
+    The cost stays one pass over the rows for large inputs: every part is decomposed from per-fold sums.
+    Predictions are clamped to each training part's label range; float64 X gives float64, else float32.
+    """
+    dtype = torch.float64 if getattr(X, "dtype", None) in (torch.float64, np.float64) else torch.float32
+    X, y = _check_xy(X, y)
+    lam = _check_lambdas(lambdas).to(X.device)
+    val_sets = validation_folds(folds, len(y), seed, groups=groups)
+    if len(val_sets) < 3:
+        raise ValueError(f"out_of_fold_predict needs folds >= 3 (the λ of each part is chosen by CV over "
+                         f"the other folds), got {len(val_sets)}")
+    counts = torch.bincount(torch.cat(val_sets), minlength=len(y))
+    if not bool((counts == 1).all()):
+        raise ValueError(f"the folds must partition the rows (each row in exactly one fold): "
+                         f"{int((counts == 0).sum())} rows in none, {int((counts > 1).sum())} in several")
+    parts = _Parts(X, y[:, None], val_sets, standardize, gram_first=True)  # F(F+1)/2 parts from one pass
+    pred = torch.empty(len(y), dtype=torch.float64, device=X.device)
+    for f, val in enumerate(parts.val_sets):
+        c = _choose(parts, lam, bool(extend_grid), outer=frozenset({f}))
+        fac = parts.factors(frozenset({f}))
+        pred[val] = parts.predict(val, *_weights(fac, c.lambdas[c.best:c.best + 1]), fac)[:, 0, 0]
+    return pred.to(dtype)
 
 
 # ----------------------------------------------------------------------------- complexity -> k

@@ -13,6 +13,8 @@ from typing import Any
 
 import pandas as pd
 
+from .io import nan_for_null
+
 # ============================================================================ general (chapters 1-4, 6)
 
 
@@ -101,7 +103,9 @@ def contexts_and_labels(
     (a lone notebook, e.g. on Colab) it rebuilds what that chapter would have written with the same
     parameters: the corpus sample cut to ``max_length`` tokens, labelled by the offline RubricScorer.
     Labels are paired with texts by their text, never by position alone. ``y`` is float64 with NaN for
-    a context without a label (a failed LLM call), which callers drop; ``source`` says where labels came from.
+    a context without a label (a failed LLM call, counted in a warning); callers that need finite
+    labels drop them (``torch.isfinite(y)``) and say how many. ``source`` says where labels came from.
+    Raises when ``labels.parquet`` labels texts that are not chapter 1's (the files come from different runs).
     """
     import torch
 
@@ -115,14 +119,34 @@ def contexts_and_labels(
 
         y = torch.tensor(RubricScorer().score(texts)["complexity"].to_numpy(dtype=float), dtype=torch.float64)
         return texts, y, "the offline rubric, computed here (chapter 2 has not run: no labels.parquet)"
-    by_text = dict(zip(labels["text"], labels["complexity"], strict=True))
-    missing = [i for i, t in enumerate(texts) if t not in by_text]
-    if missing:
-        raise ValueError(f"{labels_path} has no label for {len(missing)} of the {len(texts)} contexts of "
-                         f"{texts_path} (first rows: {missing[:5]}): the two files come from different runs; "
-                         f"rerun chapters 1 and 2 (adaptivek book run --only 01_activations --only 02_complexity)")
-    y = torch.tensor([float(by_text[t]) for t in texts], dtype=torch.float64)
+    y = torch.tensor(_labels_by_text(texts, labels, texts_path, labels_path), dtype=torch.float64)
     return texts, y, "chapter 2's labels (labels.parquet)"
+
+
+def _labels_by_text(texts: list[str], labels: pd.DataFrame, texts_path: Path, labels_path: Path) -> list[float]:
+    """Each context's label from ``labels`` (by text), NaN where chapter 2 could not label it.
+
+    A label for a text that is not among the contexts means the files come from different runs (an
+    error). A context with a NaN label, or with no row at all while every row belongs to a context (a
+    chapter 2 older than this one dropped the contexts it failed to label), is carried as NaN and counted.
+    """
+    import warnings
+
+    by_text = dict(zip(labels["text"], labels["complexity"].astype(float), strict=True))
+    stray = len(set(by_text) - set(texts))
+    if stray:
+        raise ValueError(f"{labels_path} labels {stray} texts that are not among the {len(texts)} contexts of "
+                         f"{texts_path}: the two files come from different runs; rerun chapters 1 and 2 "
+                         f"(adaptivek book run --only 01_activations --only 02_complexity)")
+    y = [by_text.get(t, float("nan")) for t in texts]
+    no_row = sum(t not in by_text for t in texts)
+    failed = sum(v != v for v in y) - no_row  # NaN != NaN
+    if failed or no_row:
+        dropped = (f" ({no_row} of them have no row: an older chapter 2 dropped the contexts it failed to label; "
+                   f"rerun chapter 2 to keep them as NaN)") if no_row else ""
+        warnings.warn(f"{failed + no_row} of the {len(texts)} contexts failed to label in chapter 2 and carry NaN"
+                      f"{dropped}; drop them with torch.isfinite(y) where finite labels are needed", stacklevel=3)
+    return y
 
 
 def _chapter1_texts(texts_path: Path, labels, tokenizer, *, corpus: str, n_texts: int, seed: int,
@@ -444,7 +468,7 @@ def _probe_summary(folder: Path) -> dict[str, Any] | None:
     if not summary.is_file():
         return None
     s = json.loads(summary.read_text())
-    out = {"layer": s["best_layer"], **{k: s["best"][k] for k in ("pearson", "spearman", "rmse")},
+    out = {"layer": s["best_layer"], **{k: nan_for_null(s["best"][k]) for k in ("pearson", "spearman", "rmse")},
            "pearson_lo": None, "pearson_hi": None, "label_source": s.get("label_source"), "n_train": s.get("n_train")}
     sweep = folder / "layer_sweep.csv"
     if sweep.is_file():  # the bootstrap interval of the best layer

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, fields
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
@@ -50,7 +50,7 @@ class SparseCode(NamedTuple):
 
 def variable_topk(pre: Tensor, k: Tensor) -> SparseCode:
     """The reference variable-k encoder: row i keeps its ``k[i]`` largest positive pre-activations of ``pre [B, d_sae]``."""
-    acts, idx = pre.topk(int(k.max()), dim=1)  # [B, k_max], descending
+    acts, idx = pre.topk(int(k.max()) if len(k) else 0, dim=1)  # [B, k_max], descending (an empty batch: [0, 0])
     acts = acts.relu()
     mask = (torch.arange(acts.shape[1], device=pre.device) < k[:, None]) & (acts > 0)  # rank < k_i, active
     return SparseCode(acts * mask, idx, mask, k)
@@ -208,6 +208,9 @@ class SparseAutoencoder(nn.Module):
         rank mask gets the backward of ``sigmoid((k_soft - rank - 0.5) / k_temperature)``, its forward stays hard.
         """
         x = self._check_x(x)
+        if len(x) == 0:
+            raise ValueError("x has no rows: forward computes a training batch's losses, which need at least one "
+                             "row; encode, encode_sparse and decode accept an empty batch")
         k_aux = self.d_in // 2 if k_aux is None else k_aux
         dead_idx = self._dead_idx(dead_mask, k_aux)
         if k_soft is not None:
@@ -273,6 +276,8 @@ class SparseAutoencoder(nn.Module):
     def init_b_dec(self, x: Tensor, method: str = "geometric_median") -> None:
         """Set ``b_dec`` from a batch [B, d_in]: its geometric median (reference), mean, or leave it."""
         x = self._check_x(x)
+        if len(x) == 0:
+            raise ValueError("init_b_dec needs at least one row of x (b_dec is set from the batch)")
         if method == "geometric_median":
             self.b_dec.copy_(geometric_median(x))
         elif method == "mean":
@@ -399,6 +404,9 @@ class BatchTopKSAE(TopKSAE, config=BatchTopKConfig):
         """
         if not torch.isfinite(self.threshold):
             raise RuntimeError("this BatchTopKSAE has no threshold yet: train it (train_sae) before freezing")
+        if X is not None and len(X) == 0:
+            raise ValueError("freeze(X) needs at least one row of X to calibrate the threshold on (or no X: the "
+                             "training-time average)")
         self.threshold_ema = float(self.threshold)
         if X is not None:
             rows = X[torch.randperm(len(X), generator=torch.Generator().manual_seed(seed))[:max_rows]]
@@ -434,14 +442,41 @@ class BatchTopKSAE(TopKSAE, config=BatchTopKConfig):
 
 def load_sae(path: str | os.PathLike, *, device: str | torch.device | None = None) -> SparseAutoencoder:
     """Restore an SAE written by ``save(path)`` (probe included; format 1 too) as the class registered for
-    its architecture (whose module must have been imported), in eval mode."""
-    from safetensors.torch import load_file
+    its architecture (whose module must have been imported), in eval mode.
 
-    saved, weights = sae_config.read_saved(Path(path))
-    cls = sae_config.registered(saved.get("architecture"), where=f"{path} holds an SAE of")
-    sae = cls(**{f.name: saved[f.name] for f in fields(cls.config_class) if f.name in saved})
-    sae.load_state_dict(sae._load_extra(load_file(str(weights))))
+    A truncated or edited file is a one-line ValueError naming it (the config, the weights, or the two not
+    matching); a folder without our files is a FileNotFoundError that says what it holds instead."""
+    saved, cfg_file, weights = sae_config.read_saved(Path(path))
+    cls = sae_config.registered(saved.get("architecture"), where=f"{cfg_file} holds an SAE of")
+    names = [f.name for f in fields(cls.config_class)]
+    missing = [f.name for f in fields(cls.config_class) if f.name not in saved and f.default is MISSING]
+    if missing:
+        raise ValueError(f"{cfg_file} lacks {missing}: truncated or edited; save the SAE again")
+    try:
+        sae = cls(**{name: saved[name] for name in names if name in saved})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{cfg_file} holds an invalid config: {e}") from e
+    tensors = _matching(sae, sae_config.read_weights(weights), weights)
+    try:
+        sae.load_state_dict(sae._load_extra(tensors))
+    except (KeyError, ValueError, RuntimeError) as e:  # e.g. a probe with entries missing
+        raise ValueError(f"{weights} holds damaged entries ({str(e).strip().splitlines()[0]}); save the SAE "
+                         f"again") from e
     return (sae.to(device) if device is not None else sae).eval()
+
+
+def _matching(sae: SparseAutoencoder, tensors: dict[str, Tensor], weights: Path) -> dict[str, Tensor]:
+    """``tensors`` if they hold every entry of ``sae``'s state with its shape; else a ValueError naming the file."""
+    state = sae.state_dict()
+    extra = {k for k in tensors if k.startswith("probe.")}
+    problems = [f"missing {k}" for k in state if k not in tensors]
+    problems += [f"{k} is {tuple(tensors[k].shape)}, expected {tuple(v.shape)}" for k, v in state.items()
+                 if k in tensors and tensors[k].shape != v.shape]
+    problems += [f"unexpected {k}" for k in tensors if k not in state and k not in extra]
+    if problems:
+        raise ValueError(f"{weights} does not match its config ({'; '.join(problems[:4])}): the files come from "
+                         f"different saves or were edited; save the SAE again")
+    return tensors
 
 
 __all__ = ["SparseAutoencoder", "TopKSAE", "AdaptiveKSAE", "BatchTopKSAE", "SparseCode", "ForwardOutput",

@@ -148,7 +148,12 @@ def write_saved(path: Path, cfg: SAEConfig, tensors: dict[str, Any], dtype: torc
 
 def write_saelens(path: Path, cfg: TopKConfig, tensors: dict[str, Any], dtype: torch.dtype,
                   model_name: str | None, hook_name: str | None) -> None:
-    """SAELens' layout of a TopK SAE: ``cfg.json`` + ``sae_weights.safetensors``, architecture "topk"."""
+    """SAELens' layout of a TopK SAE: ``cfg.json`` + ``sae_weights.safetensors``, architecture "topk".
+
+    Refuses a folder whose ``cfg.json`` or weights were not written by this function (a sparsify SAE, a
+    format-1 save, another tool's export): exporting there would overwrite them.
+    """
+    _refuse_foreign(path)
     save_tensors(path / "sae_weights.safetensors", tensors)
     write_json(path / "cfg.json", {
         "architecture": "topk", "d_in": cfg.d_in, "d_sae": cfg.d_sae, "k": cfg.k, "dtype": dtype_name(dtype),
@@ -157,32 +162,73 @@ def write_saelens(path: Path, cfg: TopKConfig, tensors: dict[str, Any], dtype: t
         "metadata": {"model_name": model_name, "hook_name": hook_name, "exported_by": "adaptivek"}})
 
 
+def _refuse_foreign(path: Path) -> None:
+    """A FileExistsError when an export into ``path`` would overwrite a file that another writer made."""
+    cfg, weights = path / "cfg.json", path / "sae_weights.safetensors"
+    ours = False
+    if cfg.is_file():
+        try:
+            ours = json.loads(cfg.read_bytes()).get("metadata", {}).get("exported_by") == "adaptivek"
+        except (ValueError, AttributeError):  # not JSON, or not an object: not ours
+            ours = False
+    if (cfg.is_file() or weights.is_file()) and not ours:
+        raise FileExistsError(f"{path} already holds a cfg.json or sae_weights.safetensors that export_saelens did "
+                              f"not write (a sparsify SAE, a format-1 save, another export); exporting there would "
+                              f"overwrite it: export into another folder")
+
+
 _FORMAT1_ARCHITECTURES = {"TopKSAE": "topk", "AdaptiveKSAE": "adaptivek"}
 
 
-def read_saved(path: Path) -> tuple[dict[str, Any], Path]:
-    """The saved config (format 2, or format 1 translated) and the weights file of an SAE folder."""
+def read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``, or a one-line ValueError naming the file (truncated, edited, not an object)."""
+    try:
+        obj = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({str(e).splitlines()[0]}): truncated or edited; save the SAE "
+                         f"again (sae.save(path)) or restore the file") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not an SAE config object; save the SAE again")
+    return obj
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, or a one-line ValueError naming it (truncated or not safetensors)."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError, ValueError)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ValueError(f"{path} is not a readable safetensors file ({first}): truncated or damaged; save the "
+                         f"SAE again (sae.save(path)) or restore the file") from e
+
+
+def read_saved(path: Path) -> tuple[dict[str, Any], Path, Path]:
+    """The saved config (format 2, or format 1 translated), the config file and the weights file of an SAE folder."""
     if (path / CFG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
-        cfg = json.loads((path / CFG_FILE).read_text())
+        cfg = read_json(path / CFG_FILE)
         if cfg.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path / CFG_FILE} has format_version {cfg.get('format_version')!r}; this "
                              f"adaptivek reads 1 and {FORMAT_VERSION}")
-        return cfg, path / WEIGHTS_FILE
-    cfg = json.loads((path / "cfg.json").read_text()) if (path / "cfg.json").is_file() else None
-    if cfg is not None and cfg.get("format_version") == 1 and (path / "sae.safetensors").is_file():
-        if cfg.get("class") not in _FORMAT1_ARCHITECTURES:
-            raise ValueError(f"{path / 'cfg.json'} (format 1) describes a {cfg.get('class')!r}; format 1 is read "
-                             f"for {sorted(_FORMAT1_ARCHITECTURES)} only")
-        return cfg | {"architecture": _FORMAT1_ARCHITECTURES[cfg["class"]]}, path / "sae.safetensors"
+        return cfg, path / CFG_FILE, path / WEIGHTS_FILE
+    has_cfg = (path / "cfg.json").is_file()
+    if has_cfg and (path / "sae.safetensors").is_file() and b"format_version" in (path / "cfg.json").read_bytes():
+        cfg = read_json(path / "cfg.json")  # format 1 (a sparsify cfg.json has no format_version)
+        if cfg.get("format_version") != 1 or cfg.get("class") not in _FORMAT1_ARCHITECTURES:
+            raise ValueError(f"{path / 'cfg.json'} describes a {cfg.get('class')!r} of format_version "
+                             f"{cfg.get('format_version')!r}; format 1 is read for {sorted(_FORMAT1_ARCHITECTURES)}")
+        return cfg | {"architecture": _FORMAT1_ARCHITECTURES[cfg["class"]]}, path / "cfg.json", path / "sae.safetensors"
     found = ""
     if (path / "sae_weights.safetensors").is_file():
         found = "; this folder holds a SAELens export (read it with sae_lens.SAE.load_from_disk)"
-    elif cfg is not None and (path / "sae.safetensors").is_file():
+    elif has_cfg and (path / "sae.safetensors").is_file():
         found = "; this folder holds a sparsify SAE (read it with sparsify.SparseCoder.load_from_disk)"
     raise FileNotFoundError(f"no saved SAE in {path}: expected {CFG_FILE} and {WEIGHTS_FILE} (written by "
                             f"sae.save(path)){found}")
 
 
 __all__ = ["SAEConfig", "TopKConfig", "AdaptiveKConfig", "BatchTopKConfig", "read_saved", "write_saved",
+           "read_json", "read_weights",
            "register", "registered",
            "write_saelens", "dtype_name", "check_k", "FORMAT_VERSION", "CFG_FILE", "WEIGHTS_FILE"]

@@ -1,10 +1,13 @@
-"""Statistics used across the library: correlations, ranks, regression metrics, bootstraps and folds.
+"""Statistics used across the library: correlations, ranks, regression metrics, bootstraps, splits and folds.
 
 One home for every statistic, so that a number in the book means the same thing wherever it is
 computed. The metrics work on torch tensors (anything array-like is converted to float64) and reduce
 along the last dimension, so a batch of bootstrap replicates ``[B, n]`` is one call. NaN propagates
 unless a function says otherwise (``spearman(..., nan_policy="omit")``, ``auroc``, ``ordered_share``
-drop missing values, as label validation needs).
+drop missing values, as label validation needs). Splits and folds come in two kinds: by row
+(``split_indices``, ``kfold_indices``) and by group (``group_split``, ``group_kfold``), where a group is
+the document a row was cut from, so that no document is on both sides of a split
+(``check_disjoint_groups`` asserts it).
 """
 
 from __future__ import annotations
@@ -200,7 +203,10 @@ def percentile_summary(est: Tensor, boot: Tensor, alpha: float = 0.05) -> dict[s
 
 # ----------------------------------------------------------------------------- splits and folds
 def split_indices(n: int, *, test_frac: float = 0.2, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """Seeded random (train [n - n_test], test [n_test]) index split; ``n_test = round(test_frac * n)``."""
+    """Seeded random (train [n - n_test], test [n_test]) index split; ``n_test = round(test_frac * n)``.
+
+    Rows are treated as independent: when several rows come from one document, use :func:`group_split`.
+    """
     finite_number(test_frac, "test_frac", low=0, high=1, low_open=True, high_open=True)
     n_test = int(round(test_frac * n))
     if n_test < 2 or n - n_test < 2:
@@ -216,18 +222,147 @@ def kfold_indices(n: int, folds: int, seed: int = 0) -> list[Tensor]:
     return list(torch.randperm(n, generator=g).tensor_split(folds))
 
 
-def validation_folds(folds: Any, n: int, seed: int = 0) -> list[Tensor]:
+class GroupCodes(NamedTuple):
+    """Group ids factorised once (from :func:`group_codes`)."""
+
+    codes: Tensor  # int64 [n]: the group of each row, 0 .. len(ids) - 1
+    ids: np.ndarray  # [n_groups] the original ids, sorted (their order does not depend on the row order)
+
+
+def group_codes(groups: Any, name: str = "groups") -> GroupCodes:
+    """Factorise 1-D group ids (strings or ints: a document id per row) into codes ``[n]`` and sorted ids.
+
+    A missing id (None, NaN) or an empty string is an error naming the rows: a row without a document
+    must not silently become a group of its own.
+    """
+    import pandas as pd
+
+    if isinstance(groups, GroupCodes):
+        return groups
+    arr = groups.detach().cpu().numpy() if isinstance(groups, Tensor) else groups
+    if isinstance(arr, (str, bytes)) or np.ndim(arr) != 1:
+        raise ValueError(f"{name} must be 1-D (one group id per row), got shape {np.shape(arr)}")
+    s = pd.Series(arr) if not isinstance(arr, pd.Series) else arr.reset_index(drop=True)
+    bad = s.isna().to_numpy()
+    if s.dtype == object or pd.api.types.is_string_dtype(s.dtype):
+        bad = bad | s.astype("string").str.strip().eq("").fillna(False).to_numpy(dtype=bool)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise ValueError(f"{name} has {len(rows)} missing or empty id(s) (rows {rows[:10].tolist()}"
+                         f"{' ...' if len(rows) > 10 else ''}); every row needs its document id: fill them "
+                         f"or drop those rows")
+    codes, ids = pd.factorize(s, sort=True)
+    return GroupCodes(torch.as_tensor(codes, dtype=torch.long), np.asarray(ids, dtype=object))
+
+
+def _check_fractions(fractions: Any) -> Tensor:
+    try:
+        f = torch.as_tensor(np.asarray(list(fractions), dtype=np.float64))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"fractions must be a sequence of numbers, e.g. (0.8, 0.1, 0.1), got {fractions!r}") from e
+    if len(f) < 2 or not torch.isfinite(f).all() or (f <= 0).any() or abs(float(f.sum()) - 1) > 1e-6:
+        raise ValueError(f"fractions must be >= 2 positive numbers summing to 1, e.g. (0.8, 0.1, 0.1); "
+                         f"got {f.tolist()} (sum {float(f.sum()):g})")
+    return f
+
+
+def _fill_empty(counts: list[int]) -> list[int]:
+    """Groups per split, with every empty split given one group by its nearest split that has two or more."""
+    for j in range(len(counts)):
+        if counts[j] == 0:
+            donor = min((k for k, c in enumerate(counts) if c >= 2), key=lambda k: abs(k - j))
+            counts[j], counts[donor] = 1, counts[donor] - 1
+    return counts
+
+
+def _assign_groups(sizes: Tensor, fractions: Tensor, seed: int) -> Tensor:
+    """The split of every group [n_groups]: seeded shuffle, then consecutive fill by row count.
+
+    The shuffled groups are laid end to end on the row axis [0, n); split j owns the stretch
+    ``[F_{j-1} n, F_j n)`` (F: cumulative fractions) and a group goes to the split that holds its
+    midpoint. Each split's boundaries thus move by at most half a group: its row count is within the
+    largest group's size of ``fraction * n``. A split left empty (a target smaller than a group) takes
+    one group from its nearest split with two or more (all splits non-empty; the bound may not hold then).
+    """
+    order = torch.randperm(len(sizes), generator=torch.Generator().manual_seed(int(seed)))
+    s = sizes[order].to(torch.float64)  # [G] in shuffled order
+    mid = s.cumsum(0) - s / 2  # [G] midpoint of each group on the row axis
+    bounds = (fractions.cumsum(0)[:-1] * s.sum()).contiguous()  # [S - 1]
+    label = torch.searchsorted(bounds, mid, right=True)  # [G], non-decreasing along the shuffled order
+    counts = _fill_empty(torch.bincount(label, minlength=len(fractions)).tolist())
+    split_of = torch.empty(len(sizes), dtype=torch.long)
+    split_of[order] = torch.repeat_interleave(torch.arange(len(fractions)), torch.tensor(counts))
+    return split_of
+
+
+def _group_partition(groups: Any, fractions: Tensor, seed: int, what: str) -> list[Tensor]:
+    g = group_codes(groups)
+    n_groups = len(g.ids)
+    if n_groups < len(fractions):
+        raise ValueError(f"{n_groups} group(s) cannot fill {len(fractions)} {what} without splitting a group; "
+                         f"use fewer {what} or data from more documents")
+    split_of_row = _assign_groups(torch.bincount(g.codes, minlength=n_groups), fractions, seed)[g.codes]  # [n]
+    return [(split_of_row == j).nonzero().flatten() for j in range(len(fractions))]
+
+
+def group_split(groups: Any, fractions: Sequence[float] = (0.8, 0.1, 0.1), *, seed: int = 0) -> tuple[Tensor, ...]:
+    """Row indices (sorted, int64) of each split, with every group (document) in exactly one split.
+
+    ``groups`` holds one id per row (strings or ints). Algorithm: shuffle the groups with ``seed``, lay
+    them end to end by row count and cut the row axis at the cumulative fractions; a group goes where
+    its midpoint falls. Each split then holds within one largest group of ``fraction * n`` rows whenever
+    every ``fraction * n`` is at least the largest group; every split gets at least one group. The
+    assignment depends on the set of groups, their sizes and ``seed``, not on the row order.
+    """
+    return tuple(_group_partition(groups, _check_fractions(fractions), seed, "splits"))
+
+
+def group_kfold(groups: Any, folds: int, *, seed: int = 0) -> list[Tensor]:
+    """Validation-index sets of a grouped k-fold split: each group in exactly one fold, folds balanced by
+    rows (within one largest group of ``n / folds``; the algorithm of :func:`group_split`)."""
+    int_at_least(folds, "folds", 2, why="cross-validation needs two folds")
+    return _group_partition(groups, torch.full((folds,), 1.0 / folds, dtype=torch.float64), seed, "folds")
+
+
+def check_disjoint_groups(groups: Any, *splits: Any) -> None:
+    """Raise if two of ``splits`` (row-index arrays) share a group, naming the splits and shared ids."""
+    g = group_codes(groups)
+    sets = []
+    for i, idx in enumerate(splits):
+        t = torch.as_tensor(np.asarray(idx), dtype=torch.long).flatten()
+        if t.numel() and (t.min() < 0 or t.max() >= len(g.codes)):
+            raise ValueError(f"split {i} holds indices outside [0, {len(g.codes)}): range "
+                             f"[{int(t.min())}, {int(t.max())}]; the splits must index the rows of groups")
+        sets.append(torch.unique(g.codes[t]))
+    for i in range(len(sets)):
+        for j in range(i + 1, len(sets)):
+            shared = sets[i][torch.isin(sets[i], sets[j])]
+            if shared.numel():
+                raise ValueError(f"splits {i} and {j} share {shared.numel()} group(s), e.g. "
+                                 f"{g.ids[shared[:5].numpy()].tolist()}: a document must not be in two splits "
+                                 f"(use group_split / group_kfold)")
+
+
+def validation_folds(folds: Any, n: int, seed: int = 0, *, groups: Any = None) -> list[Tensor]:
     """The validation-index sets of a cross-validation over ``n`` samples.
 
-    ``folds`` is a number of folds (>= 2, at most ``n``: :func:`kfold_indices` with ``seed``) or a
-    list of explicit index arrays, each holding between 1 and ``n - 1`` indices in ``[0, n)``.
+    ``folds`` is a number of folds (>= 2: :func:`kfold_indices` with ``seed``, or with ``groups``
+    :func:`group_kfold`) or a list of explicit index arrays, each holding between 1 and ``n - 1``
+    indices in ``[0, n)``; with ``groups``, no group of a validation set may appear in its training part.
     """
     if isinstance(folds, bool):
         raise TypeError("folds must be an int >= 2 or a list of validation-index arrays, got a bool")
+    if groups is not None:
+        groups = group_codes(groups)
+        if len(groups.codes) != n:
+            raise ValueError(f"groups has {len(groups.codes)} ids but there are {n} samples; pass one group id "
+                             f"per row")
     if isinstance(folds, (int, np.integer)):
         folds = int(folds)
         if folds < 2:
             raise ValueError(f"folds must be >= 2 for cross-validation, got {folds}")
+        if groups is not None:
+            return group_kfold(groups, folds, seed=seed)
         if n < folds:
             raise ValueError(f"fewer samples ({n}) than folds ({folds}); every fold needs a validation "
                              f"sample: use folds <= {n} or more data")
@@ -239,6 +374,11 @@ def validation_folds(folds: Any, n: int, seed: int = 0) -> list[Tensor]:
         if f.numel() == 0 or f.numel() >= n or f.min() < 0 or f.max() >= n:
             raise ValueError(f"fold {i} must hold between 1 and {n - 1} indices in [0, {n}), got {f.numel()} "
                              f"indices in [{int(f.min()) if f.numel() else '-'}, {int(f.max()) if f.numel() else '-'}]")
+    if groups is not None:
+        for f in out:
+            train = torch.ones(n, dtype=torch.bool)
+            train[f] = False
+            check_disjoint_groups(groups, f, train.nonzero().flatten())
     return out
 
 

@@ -21,13 +21,24 @@ Where this differs from the reference code (``hiyukie/adaptiveK``) and why is li
 ``adaptivek.paper.DEVIATIONS`` (rendered in chapter 6); ``docs/reference-code.md`` describes that code.
 A per-row ``k`` (``train_sae(..., k=...)``) trains with a fixed allocation (TopK: the k of each row;
 AdaptiveK: in phase 2 instead of the probe's, phase 3 still uses the live probe), e.g. the ablations'.
+
+**Checkpoints** (``checkpoint_dir``) know their run: the fingerprint stored in ``checkpoint.pt`` holds the
+TrainConfig, the SAE's config, a hash of its initial weights and :func:`content_hash` of X, y (AdaptiveK)
+and the per-row k. Only an exact match is used (an interrupted run resumes bit-identically; a finished one
+is returned untrained, with a :class:`TrainingWarning`); anything else, or a file that cannot be read, is a
+ValueError naming the file and what differs. **Mistakes that would train silently** are refused or warned
+about: non-finite settings (at construction), AdaptiveK labels outside ``[c_min, c_max]``, a loss that stops
+being finite (FloatingPointError naming the step), and schedules where training, AuxK or phase 3 hardly run.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +51,14 @@ from .checks import finite_rows
 from .io import atomic_path
 from .sae import AdaptiveKSAE, SparseAutoencoder
 
-CHECKPOINT_VERSION = 2
+
+class TrainingWarning(UserWarning):
+    """A run that trains, but not as probably intended (too few steps, AuxK or phase 3 idle, labels off scale,
+    a finished checkpoint returned); the message says what to change. Silence with ``warnings.filterwarnings``."""
+
+
+CHECKPOINT_VERSION = 3
+"""Format of ``checkpoint.pt``; 3: the fingerprint covers the initial weights and the data's contents."""
 
 
 @dataclass
@@ -60,7 +78,7 @@ class TrainConfig:
     decay_start: float = 0.8
     """Fraction of T after which the learning rate decays linearly to 0 (reference 0.8; the paper says 0.7)."""
     grad_clip: float = 1.0
-    """Max global gradient norm, applied to the SAE and the probe separately (reference 1.0)."""
+    """Max global gradient norm, applied to the SAE and the probe separately (reference 1.0; ``math.inf``: none)."""
     l1_weight: float = 0.005
     """Weight of ``mean‖f‖₁ / mean‖x‖₂`` (reference 0.005, used for AdaptiveK; the usual TopK recipe uses 0).
     Applied to both classes so that a comparison changes only how k is chosen."""
@@ -114,36 +132,54 @@ class TrainConfig:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"TrainConfig.{name}={getattr(self, name)!r}: {why}")
 
-        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+        def number(name: str) -> float:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise bad(name, f"must be a number, not a {type(v).__name__}")
+            return v
+
+        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1):
             raise bad("steps", "must be a positive int or None (then epochs decides)")
-        if not self.epochs > 0:
-            raise bad("epochs", "must be > 0")
         for name in ("batch_size", "log_every", "checkpoint_every", "dead_after_vectors", "probe_folds"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise bad(name, "must be a positive int")
+        for name in ("warmup_steps", "seed"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+                raise bad(name, "must be an int")
         if self.warmup_steps < 0:
             raise bad("warmup_steps", "must be >= 0")
-        for name in ("lr", "probe_lr", "grad_clip", "k_temperature"):
-            if not getattr(self, name) > 0:
-                raise bad(name, "must be > 0")
+        for name in ("epochs", "lr", "probe_lr", "k_temperature"):
+            if not (math.isfinite(number(name)) and getattr(self, name) > 0):
+                raise bad(name, "must be a finite number > 0 (inf or NaN would train to NaN weights)")
+        if not number("grad_clip") > 0:
+            raise bad("grad_clip", "must be > 0 (math.inf: no clipping)")
         for name in ("l1_weight", "auxk_alpha", "probe_weight", "deviation_weight", "deviation_threshold"):
-            if not getattr(self, name) >= 0:
-                raise bad(name, "must be >= 0")
-        if not 0 < self.decay_start <= 1:
+            if not (math.isfinite(number(name)) and getattr(self, name) >= 0):
+                raise bad(name, "must be a finite number >= 0")
+        if not 0 < number("decay_start") <= 1:
             raise bad("decay_start", "must be in (0, 1] (1 = no decay)")
-        if not 0 < self.phase_ratio <= 1:
+        if not 0 < number("phase_ratio") <= 1:
             raise bad("phase_ratio", "must be in (0, 1] (1 = no phase 3)")
+        self._check_choices()
+
+    def _check_choices(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"TrainConfig.{name}={getattr(self, name)!r}: {why}")
+
         lo, hi = self.deviation_bounds
-        if not 0 <= lo <= hi:
-            raise bad("deviation_bounds", "must be (low, high) with 0 <= low <= high")
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= hi):
+            raise bad("deviation_bounds", "must be finite (low, high) with 0 <= low <= high")
+        if not self.probe_lambdas or not all(math.isfinite(v) and v > 0 for v in self.probe_lambdas):
+            raise bad("probe_lambdas", "must be finite ridge penalties > 0 (at least one)")
         if self.k_gradient not in ("none", "straight_through"):
             raise bad("k_gradient", "must be 'none' (faithful) or 'straight_through'")
         if self.init_b_dec not in ("geometric_median", "mean", "none"):
             raise bad("init_b_dec", "must be 'geometric_median', 'mean' or 'none'")
         if self.autocast not in (None, "bfloat16"):
             raise bad("autocast", "must be None (full precision) or 'bfloat16'")
-        if self.k_aux is not None and (not isinstance(self.k_aux, int) or self.k_aux < 0):
+        if self.k_aux is not None and (isinstance(self.k_aux, bool) or not isinstance(self.k_aux, int)
+                                       or self.k_aux < 0):
             raise bad("k_aux", "must be a non-negative int or None (d_in // 2)")
 
     def total_steps(self, n: int) -> int:
@@ -219,7 +255,39 @@ def _check_data(sae: SparseAutoencoder, X: Any, y: Any, k: Any
         raise ValueError(f"labels have the wrong length: y has {len(y)} entries but X has {len(X)} rows; "
                          f"they must be paired row by row")
     finite_rows(y, "y", "a failed label has no complexity: drop those rows from X and y")
+    if isinstance(sae, AdaptiveKSAE):
+        _check_scale(sae, y)
     return X, y, k
+
+
+OUTSIDE_SCALE_LIMIT = 0.05
+"""Largest share of AdaptiveK labels outside [c_min, c_max] that only warns; more is an error."""
+
+
+def _check_scale(sae: AdaptiveKSAE, y: torch.Tensor) -> None:
+    """Refuse labels on another scale than the SAE's complexity map (their k would pin at k_min or k_max).
+
+    More than :data:`OUTSIDE_SCALE_LIMIT` of the labels outside ``[c_min, c_max]`` is an error (e.g. 0-100
+    labels on the 0-10 scale: AdaptiveK would silently become TopK at k_max); fewer is a warning. Labels
+    that span at most a tenth of the scale (e.g. 0-1 labels) warn too: k then hardly varies.
+    """
+    lo, hi, ymin, ymax = sae.c_min, sae.c_max, float(y.min()), float(y.max())
+    outside = int(((y < lo) | (y > hi)).sum())
+    scale = (f"the complexity scale [c_min={lo:g}, c_max={hi:g}] of this AdaptiveKSAE (labels span "
+             f"[{ymin:g}, {ymax:g}])")
+    fix = (f"rescale y to [{lo:g}, {hi:g}] (e.g. y / 10 for a 0-100 scale) or build the SAE with c_min / c_max "
+           f"set to the labels' scale")
+    if outside > OUTSIDE_SCALE_LIMIT * len(y):
+        raise ValueError(f"{outside} of {len(y)} labels lie outside {scale}: their k would all be pinned at "
+                         f"k_min={sae.k_min} or k_max={sae.k_max}, a TopK in disguise; {fix}")
+    if outside:
+        warnings.warn(f"{outside} of {len(y)} labels lie outside {scale}; their k is pinned near k_min or k_max. "
+                      f"If the labels are on another scale, {fix}", TrainingWarning, stacklevel=4)
+    elif 0 < ymax - ymin <= 0.1 * (hi - lo):
+        k = sae.k_from_complexity(torch.tensor([ymin, ymax]))
+        warnings.warn(f"the labels cover at most a tenth of {scale}, so k only spans [{int(k[0])}, {int(k[1])}] of "
+                      f"[{sae.k_min}, {sae.k_max}]; if the labels are on another scale (e.g. 0-1), {fix}",
+                      TrainingWarning, stacklevel=4)
 
 
 class ProbeTerms(NamedTuple):
@@ -319,18 +387,63 @@ class _Run:
                 "joint": self.joint.state_dict() if self.joint is not None else None}
 
 
+_CHECKPOINT_KEYS = ("fingerprint", "step", "history", "sae", "extra", "opt", "since_fired", "joint")
+_FIX = "delete it (training then starts afresh) or pass another checkpoint_dir"
+
+
+def _load_checkpoint(ckpt: Path, device: torch.device) -> dict[str, Any]:
+    """The checkpoint's contents (tensors and plain data only), or a ValueError naming the file."""
+    try:
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+    except Exception as e:  # truncated, overwritten or not a torch file: torch raises many kinds
+        raise ValueError(f"{ckpt} is not a readable training checkpoint ({_why(e)}); {_FIX}") from e
+    if not (isinstance(state, dict) and set(_CHECKPOINT_KEYS) <= set(state)
+            and isinstance(state["fingerprint"], dict)):
+        raise ValueError(f"{ckpt} is not a checkpoint written by train_sae (entries missing); {_FIX}")
+    return state
+
+
+def _why(e: Exception) -> str:
+    """One line about an exception: its type and the first line that says something (torch's are long)."""
+    text = str(e).split("WeightsUnpickler error:", 1)[-1]
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"{type(e).__name__}: {first[:160]}" if first else type(e).__name__
+
+
+_DATA_PARTS = {"X": "the contents of X", "y": "the labels y", "k": "the per-row k"}
+_SAE_PARTS = {"architecture": "the SAE's architecture", "sae": "the SAE's config",
+              "init": "the SAE's initial weights (built with another seed, or seed=None)"}
+
+
+def _differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What differs between a checkpoint's fingerprint and this run's, in words (empty: the same run)."""
+    if saved.get("version") != now["version"]:
+        return [f"its format (version {saved.get('version')!r}; this adaptivek writes {now['version']})"]
+    cfg, data = saved.get("cfg") or {}, saved.get("data") or {}
+    out = [f"TrainConfig.{name} ({cfg.get(name)!r} there, {v!r} now)" for name, v in now["cfg"].items()
+           if cfg.get(name) != v]
+    out += [words for key, words in _SAE_PARTS.items() if saved.get(key) != now[key]]
+    if data.get("n") != now["data"]["n"]:  # then the contents differ too
+        return out + [f"the number of training vectors ({data.get('n')} there, {now['data']['n']} now)"]
+    return out + [words for key, words in _DATA_PARTS.items() if data.get(key) != now["data"][key]]
+
+
 def _resume(run: _Run, sae: SparseAutoencoder, ckpt: Path, fingerprint: dict[str, Any], cfg: TrainConfig) -> None:
-    """Load an interrupted run's checkpoint into ``run`` and ``sae`` (refusing one of another run)."""
-    state = torch.load(ckpt, map_location=sae.device, weights_only=False)
-    if state["fingerprint"] != fingerprint:
-        raise ValueError(f"{ckpt} was written by a run with a different config, model or data size; "
-                         f"delete it or use another checkpoint_dir")
-    run.start, run.history = state["step"], state["history"]
-    sae._load_extra(state["extra"])
-    sae.load_state_dict(state["sae"])
-    run.opt.load_state_dict(state["opt"])
-    run.since_fired.copy_(state["since_fired"])
-    run.joint = JointProbe.from_state(state["joint"], cfg) if state["joint"] is not None else None
+    """Load an earlier call's checkpoint into ``run`` and ``sae``, refusing one of another run or data."""
+    state = _load_checkpoint(ckpt, sae.device)
+    diff = _differences(state["fingerprint"], fingerprint)
+    if diff:
+        raise ValueError(f"{ckpt} was written by another run: it differs in {'; '.join(diff)}. Using it would "
+                         f"continue or return that run's training; {_FIX}")
+    try:
+        run.start, run.history = int(state["step"]), list(state["history"])
+        sae._load_extra(state["extra"])
+        sae.load_state_dict(state["sae"])
+        run.opt.load_state_dict(state["opt"])
+        run.since_fired.copy_(state["since_fired"])
+        run.joint = JointProbe.from_state(state["joint"], cfg) if state["joint"] is not None else None
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise ValueError(f"{ckpt} matches this run but its contents are damaged ({_why(e)}); {_FIX}") from e
 
 
 def _phase1(sae: AdaptiveKSAE, X: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> dict[str, Any]:
@@ -349,27 +462,89 @@ def _phase1(sae: AdaptiveKSAE, X: torch.Tensor, y: torch.Tensor, cfg: TrainConfi
             "lr": 0.0}
 
 
-def _fingerprint(sae: SparseAutoencoder, cfg: TrainConfig, n: int, k: torch.Tensor | None) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed: config, SAE config, data size, per-row k."""
-    k_hash = None if k is None else hashlib.sha256(k.numpy().tobytes()).hexdigest()[:16]
-    return {"cfg": asdict(cfg), "architecture": sae.cfg.architecture, "sae": asdict(sae.cfg), "n": n,
-            "k": k_hash, "version": CHECKPOINT_VERSION}
+def content_hash(t: torch.Tensor | None) -> str | None:
+    """sha256 (32 hex digits) of a tensor's dtype, shape and every byte; None for None.
+
+    Read in blocks of about 64 MiB of rows (a GPU tensor goes to the host one block at a time). Any
+    changed value, reordered row, other dtype or shape changes it; it reads every byte at about
+    1.5 GB/s (150k x 576 float32, 330 MiB: about 0.2 s), and ``train_sae`` computes it only for a checkpoint.
+    """
+    if t is None:
+        return None
+    t = t.detach()
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    flat = t.reshape(len(t), -1) if t.ndim else t.reshape(1, 1)  # [n, everything else]
+    rows = max(1, (64 << 20) // max(1, flat.shape[1] * flat.element_size()))
+    for block in flat.split(rows):
+        h.update(block.cpu().contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()[:32]
+
+
+def _fingerprint(sae: SparseAutoencoder, cfg: TrainConfig, X: torch.Tensor, y: torch.Tensor | None,
+                 k: torch.Tensor | None) -> dict[str, Any]:
+    """What a checkpoint must match to be used: format, TrainConfig, SAE config and initial weights, data."""
+    state = {name: t for name, t in sorted((sae.state_dict() | sae._extra_tensors()).items())}
+    init = hashlib.sha256("".join(f"{name}={content_hash(t)};" for name, t in state.items()).encode())
+    return {"version": CHECKPOINT_VERSION, "cfg": json.loads(json.dumps(asdict(cfg), default=repr)),
+            "architecture": sae.cfg.architecture, "sae": asdict(sae.cfg), "init": init.hexdigest()[:32],
+            "data": {"n": len(X), "X": content_hash(X), "y": content_hash(y), "k": content_hash(k)}}
 
 
 def _start(sae: SparseAutoencoder, X: torch.Tensor, y: torch.Tensor | None, cfg: TrainConfig,
-           ckpt: Path | None, fingerprint: dict[str, Any]) -> _Run:
+           ckpt: Path | None, fingerprint: dict[str, Any] | None) -> _Run:
     """A fresh run (after AdaptiveK's phase 1) or the resumed one of ``ckpt``."""
     run = _Run(make_adam(list(sae.parameters()), cfg.lr), torch.zeros(sae.d_sae, dtype=torch.long, device=sae.device))
-    if ckpt is not None and ckpt.is_file():
+    if ckpt is not None and fingerprint is not None and ckpt.is_file():
         _resume(run, sae, ckpt, fingerprint, cfg)
     elif isinstance(sae, AdaptiveKSAE):
         run.history.append(_phase1(sae, X, y, cfg))
     return run
 
 
+MIN_STEPS = 50
+"""Fewer steps than this from the epochs rule (``steps=None``) is warned about (:class:`TrainingWarning`)."""
+
+
+def _warn_schedule(cfg: TrainConfig, n: int, T: int, p3: int | None) -> None:
+    """Warn about a schedule that trains, but hardly as meant: too few steps, no AuxK, a stunted phase 2 or 3.
+
+    ``p3``: AdaptiveK's first phase-3 step (None: no phase 3). Each warning states the numbers and the fix.
+    """
+    seen, bs, warm = T * cfg.batch_size, cfg.batch_size, cfg.warmup_steps
+    found = []
+    if cfg.steps is None and T < MIN_STEPS:
+        found.append(f"training makes only {T} step(s): {n} vectors x {cfg.epochs:g} epochs / batch_size {bs}; "
+                     f"pass steps= (the reference makes 1,831), more epochs= or a smaller batch_size=")
+    if cfg.auxk_alpha > 0 and (T - 1) * bs < cfg.dead_after_vectors:
+        found.append(f"AuxK never runs: a latent counts as dead after dead_after_vectors={cfg.dead_after_vectors} "
+                     f"vectors without firing, but training sees {seen}; lower dead_after_vectors= (e.g. "
+                     f"{max(bs, seen // 4)}) or train longer (steps=, epochs=)")
+    if p3 is not None and p3 == 0:
+        found.append(f"phase 2 (the SAE with the probe frozen) never runs: phase 3 starts at int(phase_ratio x T) "
+                     f"= int({cfg.phase_ratio:g} x {T}) = 0; train longer (steps=, epochs=)")
+    elif p3 is not None and T - p3 < warm:
+        found.append(f"phase 3 runs {T - p3} step(s), fewer than its warmup_steps={warm}, so the probe never "
+                     f"reaches probe_lr; train longer (phase 3 is the last {1 - cfg.phase_ratio:.0%} of steps=) or "
+                     f"lower warmup_steps=")
+    for msg in found:
+        warnings.warn(msg, TrainingWarning, stacklevel=3)
+
+
+def _diverged(s: int, what: str, sae: SparseAutoencoder, xb: torch.Tensor, cfg: TrainConfig) -> FloatingPointError:
+    """The error that stops a run whose loss or weights stopped being finite, with the likely causes."""
+    finite = all(bool(torch.isfinite(p).all()) for p in sae.parameters())
+    return FloatingPointError(
+        f"training diverged at step {s + 1}: {what}. Likely causes: a learning rate too high (lr={cfg.lr:g}, "
+        f"probe_lr={cfg.probe_lr:g}; try 10x lower) or extreme values in X (largest |x| in this batch: "
+        f"{float(xb.abs().max()):.3g}; rescale X). The SAE's weights are "
+        f"{'still finite' if finite else 'no longer finite'}; the last checkpoint, if any, predates this step")
+
+
 def _step(sae: SparseAutoencoder, run: _Run, xb: torch.Tensor, yb: torch.Tensor | None, kb: torch.Tensor | None,
-          dead: torch.Tensor, cfg: TrainConfig, probe_lr: float | None, autocast: Any) -> tuple[Any, torch.Tensor, Any, Any]:
-    """One optimisation step: ``(out, loss, grad_norm, probe_terms)`` (probe terms in phase 3, else None)."""
+          dead: torch.Tensor, cfg: TrainConfig, probe_lr: float | None, autocast: Any, s: int
+          ) -> tuple[Any, torch.Tensor, Any, Any]:
+    """Step ``s``: ``(out, loss, grad_norm, probe_terms)`` (probe terms in phase 3, else None); a non-finite
+    loss stops the run (:func:`_diverged`)."""
     terms, extra = None, {}
     if run.joint is not None:  # phase 3: k from the live probe, which trains with the SAE
         terms = run.joint.loss(xb, yb, sae.probe, cfg)
@@ -383,6 +558,8 @@ def _step(sae: SparseAutoencoder, run: _Run, xb: torch.Tensor, yb: torch.Tensor 
     if terms is not None:
         loss = loss + cfg.probe_weight * (terms.loss + run.joint.delta * terms.deviation)
         run.joint.opt.zero_grad(set_to_none=True)
+    if not bool(torch.isfinite(loss)):  # stop before the update: the weights stay those that gave this loss
+        raise _diverged(s, f"the loss is {loss.item()}", sae, xb, cfg)
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     sae.remove_gradient_parallel_to_decoder_directions()
@@ -415,6 +592,15 @@ def _row(s: int, phase: int, out: Any, loss: torch.Tensor, dead: torch.Tensor, g
     return row
 
 
+def _save_checkpoint(run: _Run, sae: SparseAutoencoder, ckpt: Path, fingerprint: dict[str, Any], s: int,
+                     xb: torch.Tensor, cfg: TrainConfig) -> None:
+    """Write the state after step ``s`` atomically, unless the weights stopped being finite (then stop)."""
+    if not all(bool(torch.isfinite(p).all()) for p in sae.parameters()):
+        raise _diverged(s, "the SAE's weights are no longer finite after the update", sae, xb, cfg)
+    with atomic_path(ckpt, ".pt") as tmp:
+        torch.save(run.snapshot(sae, fingerprint, s + 1), tmp)
+
+
 def train_sae(sae: SparseAutoencoder, X: torch.Tensor, y: Any = None, cfg: TrainConfig | None = None, *,
               k: Any = None, progress: bool = True, checkpoint_dir: str | os.PathLike | None = None,
               callback: Callable[[int, dict[str, Any]], None] | None = None
@@ -429,10 +615,17 @@ def train_sae(sae: SparseAutoencoder, X: torch.Tensor, y: Any = None, cfg: Train
         k: optional per-row k, an integer tensor [n]: TopK keeps ``k[i]`` latents for row i; AdaptiveK uses it
             instead of the probe's k in phase 2 (phase 3 keeps the live probe's).
         progress: show a tqdm bar with loss / FVE / L0 / dead fraction.
-        checkpoint_dir: write ``checkpoint.pt`` there every ``cfg.checkpoint_every`` steps and at the end;
-            if one exists from an earlier, interrupted call with the same config, data size and k, training
-            resumes from it and the result equals that of an uninterrupted run.
+        checkpoint_dir: write ``checkpoint.pt`` there every ``cfg.checkpoint_every`` steps and at the end.
+            A checkpoint there is used only when its fingerprint matches this call exactly: the config,
+            the SAE's config and initial weights, and the contents of X, y and k (:func:`content_hash`).
+            Then an interrupted run resumes (the result equals an uninterrupted run's) and a finished one
+            is returned without training, with a :class:`TrainingWarning` saying so. Any difference, or an
+            unreadable file, is a ValueError naming the file and what differs.
         callback: called as ``callback(step, row)`` after every logged step (``row`` the history row).
+
+    Raises FloatingPointError, naming the step and the likely causes, when the loss stops being finite.
+    Warns (:class:`TrainingWarning`) when the schedule hardly trains as meant: under :data:`MIN_STEPS` steps
+    from the epochs rule, AuxK never active, phase 2 empty or phase 3 shorter than its warm-up.
     """
     from tqdm.auto import tqdm
 
@@ -441,9 +634,14 @@ def train_sae(sae: SparseAutoencoder, X: torch.Tensor, y: Any = None, cfg: Train
     T = cfg.total_steps(len(X))
     adaptive = isinstance(sae, AdaptiveKSAE)
     p3 = int(cfg.phase_ratio * T) if adaptive and cfg.phase_ratio < 1 else T  # first phase-3 step
+    _warn_schedule(cfg, len(X), T, p3 if p3 < T else None)
     ckpt = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir is not None else None
-    fingerprint = _fingerprint(sae, cfg, len(X), k)
+    fingerprint = _fingerprint(sae, cfg, X, y if adaptive else None, k) if ckpt else None  # hashes the data
     run = _start(sae, X, y, cfg, ckpt, fingerprint)
+    if run.start >= T:
+        warnings.warn(f"{ckpt} holds this very run, finished ({T} steps; same config, initial weights and data): "
+                      f"its model is returned without training; delete the file to train again",
+                      TrainingWarning, stacklevel=2)
     batches = _Batches(len(X), cfg.batch_size, cfg.seed)
     autocast = torch.autocast(sae.device.type, dtype=getattr(torch, cfg.autocast or "bfloat16"),
                               enabled=cfg.autocast is not None)  # reusable: a plain context manager
@@ -465,7 +663,7 @@ def train_sae(sae: SparseAutoencoder, X: torch.Tensor, y: Any = None, cfg: Train
                 yb, probe_lr = y[idx].to(sae.device), cfg.probe_lr * lr_factor(s - p3, T - p3, cfg.warmup_steps, 1.0)
             dead = run.since_fired >= cfg.dead_after_vectors
             kb = k[idx].to(sae.device) if k is not None else None
-            out, loss, grad_norm, terms = _step(sae, run, xb, yb, kb, dead, cfg, probe_lr, autocast)
+            out, loss, grad_norm, terms = _step(sae, run, xb, yb, kb, dead, cfg, probe_lr, autocast, s)
             if (s + 1) % cfg.log_every == 0 or s == T - 1 or s == run.start or s == p3:
                 row = _row(s, 3 if s >= p3 else 2, out, loss, dead, grad_norm, lr, t0, terms, run.joint)
                 run.history.append(row)
@@ -475,8 +673,7 @@ def train_sae(sae: SparseAutoencoder, X: torch.Tensor, y: Any = None, cfg: Train
                     callback(s + 1, row)
             bar.update(1)
             if ckpt is not None and ((s + 1) % cfg.checkpoint_every == 0 or s == T - 1):
-                with atomic_path(ckpt, ".pt") as tmp:
-                    torch.save(run.snapshot(sae, fingerprint, s + 1), tmp)
+                _save_checkpoint(run, sae, ckpt, fingerprint, s, xb, cfg)
     finally:
         bar.close()
         sae.eval()
@@ -485,4 +682,5 @@ def train_sae(sae: SparseAutoencoder, X: torch.Tensor, y: Any = None, cfg: Train
     return sae, pd.DataFrame(run.history)
 
 
-__all__ = ["TrainConfig", "train_sae", "JointProbe", "lr_factor", "make_adam"]
+__all__ = ["TrainConfig", "train_sae", "TrainingWarning", "JointProbe", "content_hash", "lr_factor", "make_adam",
+           "MIN_STEPS", "OUTSIDE_SCALE_LIMIT"]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -97,11 +98,22 @@ def test_cache_is_reused_and_keyed_by_content(embedded_lm, tmp_path, monkeypatch
         extract(embedded_lm, TEXTS, 3, max_length=8, cache_dir=tmp_path, progress=False)
 
 
-def test_a_cache_entry_without_its_metadata_is_not_trusted(embedded_lm, tmp_path):
+def test_a_cache_entry_without_its_metadata_is_not_trusted(embedded_lm, tmp_path, recwarn):
     extract(embedded_lm, TEXTS, 3, cache_dir=tmp_path, progress=False)
     (meta,) = tmp_path.glob("*.json")
     meta.unlink()  # as if the run died between the tensor file and its metadata
-    assert act._cache_load(tmp_path, meta.stem) is None
+    assert act._cached(tmp_path, act._spec(embedded_lm, 3, "last", 128), TEXTS) is None
+    assert not recwarn.list  # an unfinished entry is an ordinary miss, not corruption
+
+
+@pytest.mark.parametrize("layer", [np.int64(3), np.int32(3), [np.int64(3), 1]], ids=["int64", "int32", "list"])
+def test_numpy_integer_layers_are_accepted(tiny_neox, layer):
+    got = extract(tiny_neox, TEXTS, layer, progress=False)
+    want = extract(tiny_neox, TEXTS, [1, 3], progress=False)
+    if isinstance(layer, list):
+        assert list(got) == [1, 3] and all(type(k) is int for k in got)
+        got = got[3]
+    assert torch.equal(got, want[3])
 
 
 def test_truncation_keeps_what_the_model_sees(embedded_lm):
@@ -127,7 +139,15 @@ def test_truncation_keeps_what_the_model_sees(embedded_lm):
         (["ok"], {"batch_size": 0}, ValueError, "batch_size must be an int >= 1"),
         (["ok"], {"token": "first"}, ValueError, "token must be 'last' or 'all'"),
         (["ok"], {"padding_side": "middle"}, ValueError, "padding_side"),
+        (["ok", "bad \ud800 text"], {}, ValueError, r"texts\[1\] holds a lone surrogate '\\ud800' at character 4"),
+        (["ok"], {"layer": 2.0}, TypeError, "layer must be an int or a list of ints, got 2.0"),
+        (["ok"], {"layer": "3"}, TypeError, "layer must be an int or a list of ints"),
+        (["ok"], {"layer": [1, 2.5]}, TypeError, "layer must be an int"),
+        (["ok"], {"layer": np.True_}, TypeError, "layer must be an int"),
     ],
+    ids=["empty", "empty_text", "blank_text", "not_str", "single_string", "layer_too_big", "layer_negative",
+         "layer_empty_list", "max_length_0", "batch_size_0", "bad_token", "bad_padding_side", "lone_surrogate",
+         "float_layer", "str_layer", "float_in_layer_list", "numpy_bool_layer"],
 )
 def test_bad_input_gets_a_clear_error(embedded_lm, texts, kw, error, match):
     layer = kw.pop("layer", 0)

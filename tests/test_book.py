@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import nbformat
@@ -35,9 +36,9 @@ def minibook(tmp_path):
     (tmp_path / "_toc.yml").write_text(yaml.safe_dump(
         {"format": "jb-book", "root": "book/intro", "chapters": [{"file": "book/a"}, {"file": "book/b"}]}))
     (tmp_path / "book" / "profiles" / "p.yaml").write_text(yaml.safe_dump(
-        {"defaults": {"x": 2, "unused_elsewhere": 1}, "chapters": {"b": {"y": 5}}}))
-    _nb(tmp_path / "book" / "a.ipynb", "artifacts_dir = '.'\nx = 1", PLOT)
-    _nb(tmp_path / "book" / "b.ipynb", "artifacts_dir = '.'\ny = 0",
+        {"defaults": {"x": 2, "only_b": 1}, "chapters": {"b": {"y": 5}}}))
+    _nb(tmp_path / "book" / "a.ipynb", "artifacts_dir = '.'\nx = 1", PLOT)  # a default goes only where declared
+    _nb(tmp_path / "book" / "b.ipynb", "artifacts_dir = '.'\ny = 0\nonly_b = 0",
         "from pathlib import Path\nassert Path(artifacts_dir, 'a.txt').read_text() == '2'\n"
         "import matplotlib.pyplot as plt\n"
         "from IPython.display import display\nfig = plt.figure(); plt.plot([y]); display(fig)\n")
@@ -49,7 +50,13 @@ def test_toc_order_and_markdown_pages_skipped(minibook):
 
 
 def test_profile_parameters_reach_chapters_in_order_sharing_artifacts(minibook):
-    runs = book.run_book("p", root=minibook, log=lambda *_: None)
+    executed = minibook / "_build" / "executed" / "book"
+    executed.mkdir(parents=True)
+    partial = executed / ".a.ipynb.k1ll3d.partial.ipynb"  # what a run killed inside chapter a leaves
+    partial.write_text('{"cells": []}')
+    logged = []
+    runs = book.run_book("p", root=minibook, log=logged.append)
+    assert not partial.exists() and any("removed 1 half-written" in line for line in logged)
     assert [r.name for r in runs] == ["a", "b"]  # b asserts it sees what a wrote, with x from the profile
     timings = json.loads((minibook / "_build" / "executed" / "timings-p.json").read_text())
     assert set(timings) == {"a", "b"}
@@ -70,8 +77,9 @@ def test_profile_errors_are_clear(minibook):
     with pytest.raises(FileNotFoundError, match=r"unknown profile 'nope'.*known profiles: \['p'\]"):
         book.run_book("nope", root=minibook)
     (minibook / "book" / "profiles" / "p.yaml").write_text(yaml.safe_dump({"chapters": {"a": {"zzz": 1}}}))
-    with pytest.raises(ValueError, match=r"sets \['zzz'\] for a, which its parameters cell does not declare"):
+    with pytest.raises(ValueError, match=r"p.yaml: unknown chapters.a parameter 'zzz'; valid: \['artifacts_dir', 'x'\]"):
         book.run_book("p", root=minibook, log=lambda *_: None)
+    (minibook / "book" / "profiles" / "p.yaml").write_text(yaml.safe_dump({"defaults": {"x": 2}}))
     with pytest.raises(ValueError, match="no such chapter"):
         book.run_book("p", root=minibook, only=["zz"])
 
@@ -198,3 +206,112 @@ def test_html_check_finds_errors_missing_figures_and_unresolved_glue(tmp_path):
     assert any("absent: no page" in p for p in problems)
     assert any("unresolved glue" in p for p in problems)
     assert not any("glue" in p for p in book.check_html(tmp_path, ["good"], build_log=log, require_glue=False))
+
+
+# ------------------------------------------------------------------------- faults: profiles and CLI (issue 15)
+@pytest.mark.parametrize("text, match", [
+    ("defaults:\n  x: 2\n  y: [1, 2\nchapters: {}\n", r"p.yaml:4:\d+: not valid YAML .*starts at line 3"),
+    ("defaults: {x: 2\n", r"p.yaml:2:1: not valid YAML"),
+    ("\tdefaults: {}\n", r"p.yaml:1:1: not valid YAML \(found character '\\t'"),
+    ("- x: 2\n", r"the top level must be a mapping .*got list"),
+    ("defaults: [x, 2]\n", r"defaults must be a mapping"),
+    ("chapters: {a: 3}\n", r"chapters.a must be a mapping"),
+    ("chapters: {c: {x: 1}}\n", r"unknown chapters key 'c'; valid: \['a', 'b'\]"),
+    ("chapters: {bb: {y: 1}}\n", r"unknown chapters key 'bb' \(did you mean 'b'\?\); valid: \['a', 'b'\]"),
+    ("chapters: {a: {y: 1}}\n", r"unknown chapters.a parameter 'y'; valid: \['artifacts_dir', 'x'\]"),
+    ("defaults: {xx: 1}\n", r"unknown defaults parameter 'xx' \(did you mean 'x'\?\)"),
+    ("defualts: {x: 1}\n", r"unknown top-level key 'defualts' \(did you mean 'defaults'\?\)"),
+    ("dry_run: {chapters: {aa: {x: 1}}}\n", r"unknown dry_run.chapters key 'aa' \(did you mean 'a'\?\)"),
+    ("dry_run: {defaults: {z: 1}}\n", r"unknown dry_run.defaults parameter 'z'"),
+    ("dry_run: {model: m}\n", r"unknown dry_run key 'model'"),
+    ("dry_run: 3\n", r"dry_run must be a mapping"),
+], ids=["unclosed_list", "unclosed_mapping", "tab", "top_level_list", "defaults_list", "chapter_not_mapping",
+        "unknown_chapter", "misspelt_chapter", "undeclared_parameter", "misspelt_default", "misspelt_section",
+        "misspelt_dry_run_chapter", "undeclared_dry_run_default", "unknown_dry_run_key", "dry_run_not_mapping"])
+def test_bad_profiles_are_refused_naming_the_file(minibook, text, match):
+    (minibook / "book" / "profiles" / "p.yaml").write_text(text)
+    with pytest.raises(book.ProfileError, match=match) as err:
+        book.load_profile("p", minibook)
+    assert "\n" not in str(err.value) and str(minibook / "book" / "profiles" / "p.yaml") in str(err.value)
+
+
+def test_real_profiles_pass_the_checks():
+    for name in sorted(p.stem for p in (ROOT / "book" / "profiles").glob("*.yaml")):
+        for dry in (False, True):
+            assert set(book.effective_parameters(name, ROOT, dry_run=dry)) == {nb.stem for nb in book.toc_chapters(ROOT)}
+
+
+def _executed(folder: Path, name: str, *, figure: bool) -> None:
+    outputs = [nbformat.v4.new_output("display_data", data={"image/png": "iVBORw0KGgo="})] if figure else []
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("plot()", outputs=outputs)]
+    nbformat.write(nb, str(folder / name))
+
+
+def test_book_check_ignores_half_written_and_failed_copies(minibook, monkeypatch, capsys):
+    from adaptivek import cli
+
+    executed = minibook / "_build" / "executed" / "book"
+    executed.mkdir(parents=True)
+    _executed(executed, "a.ipynb", figure=True)
+    _executed(executed, ".a.ipynb.x1y2.partial.ipynb", figure=False)  # a killed run's leftover
+    _executed(executed, "b.failed.ipynb", figure=False)
+    assert book.executed_notebooks(minibook) == [executed / "a.ipynb"]
+    monkeypatch.chdir(minibook)
+    assert cli.main(["book", "check"]) == 0
+    assert "1 executed chapters: no errors" in capsys.readouterr().out
+
+
+def _texts_file(path: Path, rows: list) -> str:
+    import pandas as pd
+
+    pd.DataFrame({"text": rows}).to_csv(path, index=False)
+    return str(path)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["extract", "--texts", "{good}", "--layers", "a", "--cache-dir", "c"], "argument --layers: 'a' is not a list"),
+    (["extract", "--texts", "{good}", "--layers", "3,-1", "--cache-dir", "c"], "layer numbers count from 0"),
+    (["extract", "--texts", "{missing}", "--layers", "3", "--cache-dir", "c"], r"argument --texts: .*does not exist"),
+    (["extract", "--texts", "{good}", "--layers", "3", "--cache-dir", "c", "--max-length", "0"], "must be at least 1"),
+    (["extract", "--texts", "{good}", "--layers", "3", "--cache-dir", "c", "--batch-size", "x"], "not a whole number"),
+    (["extract", "--texts", "{empty_cell}", "--layers", "3", "--cache-dir", "c"],
+     r"texts.csv: 1 rows of column 'text' have no text \(rows \[1\]"),
+    (["extract", "--texts", "{good}", "--column", "body", "--layers", "3", "--cache-dir", "c"], "has no 'body' column"),
+    (["book", "run", "--profile", "nope"], "unknown profile 'nope'"),
+    (["book", "run", "--profile", "broken"], r"broken.yaml:2:1: not valid YAML"),
+    (["book", "run", "--profile", "typo"], r"unknown chapters key 'bb' \(did you mean 'b'\?\)"),
+    (["book", "run", "--only", "zz"], "no such chapter"),
+    (["book", "check", "{missing}"], "does not exist"),
+    (["book"], "required: action"),
+], ids=["layers_not_a_number", "layers_negative", "texts_missing", "max_length_0", "batch_size_not_int",
+        "csv_empty_text_cell", "csv_missing_column", "unknown_profile", "malformed_profile", "misspelt_chapter",
+        "unknown_only", "check_missing_notebook", "missing_action"])
+def test_cli_errors_are_one_line_exit_2_before_loading_a_model(minibook, tmp_path, monkeypatch, capsys, argv, match):
+    from adaptivek import cli, models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    (minibook / "book" / "profiles" / "broken.yaml").write_text("defaults: {x: 2\n")
+    (minibook / "book" / "profiles" / "typo.yaml").write_text("chapters: {bb: {y: 1}}\n")
+    (minibook / "book" / "profiles" / "quick.yaml").write_text("defaults: {x: 2}\n")
+    files = {"good": _texts_file(tmp_path / "good.csv", ["one text", "two"]), "missing": str(tmp_path / "absent.csv"),
+             "empty_cell": _texts_file(tmp_path / "texts.csv", ["one text", None, "three"])}
+    monkeypatch.chdir(minibook)
+    try:
+        code = cli.main([a.format(**files) for a in argv])
+    except SystemExit as e:  # argparse's own checks
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert re.search(match, err), err
+
+
+def test_cli_debug_shows_the_traceback_and_bugs_keep_theirs(minibook, monkeypatch):
+    from adaptivek import cli
+
+    monkeypatch.chdir(minibook)
+    with pytest.raises(FileNotFoundError, match="unknown profile"):
+        cli.main(["--debug", "book", "run", "--profile", "nope"])
+    monkeypatch.setattr(book, "build_book", lambda: 1 / 0)  # a bug, not an input error
+    with pytest.raises(ZeroDivisionError):
+        cli.main(["book", "build"])

@@ -11,6 +11,7 @@ import pytest
 from adaptivek import corpus
 from adaptivek.corpus import (
     BOOK_CAP,
+    GUTENBERG_GENRES,
     MAX_WORDS,
     MIN_WORDS,
     SOURCE_CAP,
@@ -20,6 +21,7 @@ from adaptivek.corpus import (
     load_corpus,
     load_onestopenglish,
 )
+from adaptivek.stats import check_disjoint_groups, group_split
 
 BROWN_GENRES = {"adventure", "belles_lettres", "editorial", "fiction", "government", "hobbies", "humor", "learned",
                 "lore", "mystery", "news", "religion", "reviews", "romance", "science_fiction"}
@@ -129,8 +131,10 @@ def test_local_files(tmp_path, suffix):
     path = tmp_path / f"mine{suffix}"
     {".parquet": lambda: df.to_parquet(path), ".csv": lambda: df.to_csv(path, index=False),
      ".jsonl": lambda: df.to_json(path, orient="records", lines=True)}[suffix]()
-    ds = load_corpus(path, n=5, seed=0)
+    with pytest.warns(UserWarning, match="every row counts as its own document.*document_column="):
+        ds = load_corpus(path, n=5, seed=0)
     assert len(ds) == 5 and set(ds["source"]) == {"mine"} and "label" in ds.column_names
+    assert ds.column_names[:3] == ["text", "source", "document"] and len(set(ds["document"])) == 5
     assert ds["text"] == load_corpus(str(path), n=5, seed=0)["text"]
     assert sorted(load_corpus(path)["text"]) == sorted(df["text"])
 
@@ -162,8 +166,10 @@ def test_hf_dataset_ids_are_streamed(monkeypatch):
         return datasets.IterableDataset.from_generator(gen)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    ds = load_corpus("monology/pile-uncopyrighted", n=7)
+    with pytest.warns(UserWarning, match="every row counts as its own document"):
+        ds = load_corpus("monology/pile-uncopyrighted", n=7)
     assert ds["text"] == [f"document {i}" for i in range(7)]
+    assert ds["document"] == [f"monology/pile-uncopyrighted:{i}" for i in range(7)]  # stream positions
     assert set(ds["source"]) == {"monology/pile-uncopyrighted"}
     with pytest.raises(ValueError, match="no 'body' column"):
         load_corpus("monology/pile-uncopyrighted", n=3, text_column="body")
@@ -203,3 +209,74 @@ def test_onestopenglish(tmp_path, monkeypatch):
     monkeypatch.setenv("ADAPTIVEK_ONESTOP_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="nishkalavallabhi/OneStopEnglishCorpus"):
         load_onestopenglish()
+
+
+# ----------------------------------------------------------------------------- document ids
+def test_embedded_document_ids(pool):
+    df = load_corpus("embedded", n=4000, seed=0).to_pandas()
+    assert df.columns[:3].tolist() == ["text", "source", "document"]
+    assert df["document"].str.len().gt(0).all() and (df["document"] == df["source"] + ":" + df["book"]).all()
+    # one id per (source, book) and back: every context of a book, speech, Brown file or article shares it
+    assert df.groupby(["source", "book"])["document"].nunique().eq(1).all()
+    assert df.groupby("document")[["source", "book"]].nunique().eq(1).all().all()
+    per_source = df.groupby("source")["document"].nunique()
+    assert per_source["gutenberg"] <= len(sum(GUTENBERG_GENRES.values(), ())) < per_source["brown"]
+    assert df["document"].duplicated().any()  # documents do hold several contexts
+    train, val, test = group_split(df["document"], seed=0)
+    check_disjoint_groups(df["document"], train, val, test)
+
+
+def _write(df: pd.DataFrame, path):
+    df.to_json(path, orient="records", lines=True)  # JSON lines keep mixed-type and null ids as written
+    return path
+
+
+def test_local_document_column(tmp_path):
+    texts = [f"text {i}" for i in range(6)]
+    path = _write(pd.DataFrame({"text": texts, "document": ["a", "a", "b", "b", 7, 7]}), tmp_path / "docs.jsonl")
+    ds = load_corpus(path)
+    assert dict(zip(ds["text"], ds["document"], strict=True)) == dict(zip(texts, ["a", "a", "b", "b", "7", "7"],
+                                                                          strict=True))
+    path = _write(pd.DataFrame({"text": texts, "doc": [1, 1, 2, 2, 3, 3]}), tmp_path / "by_doc.jsonl")
+    ds = load_corpus(path, document_column="doc")
+    assert "doc" not in ds.column_names and sorted(ds["document"]) == ["1", "1", "2", "2", "3", "3"]
+
+
+@pytest.mark.parametrize("ids, match", [
+    (["a", None, "b", "b"], r"1 of 4 rows have no document id in column 'document' \(rows \[1\]\)"),
+    (["a", "a", " ", ""], r"2 of 4 rows have no document id .*\(rows \[2, 3\]\)"),
+    ([1.0, float("nan"), 2.0, 2.0], r"1 of 4 rows have no document id .*\(rows \[1\]\)"),
+], ids=["none", "blank", "nan"])
+def test_local_missing_document_ids(tmp_path, ids, match):
+    path = _write(pd.DataFrame({"text": [f"t{i}" for i in range(4)], "document": ids}), tmp_path / "d.jsonl")
+    with pytest.raises(ValueError, match=match):
+        load_corpus(path)
+
+
+@pytest.mark.parametrize("columns, kw, match", [
+    ({"text": ["x"]}, {"document_column": "doc"}, r"has no 'doc' column .*pass document_column="),
+    ({"text": ["x"], "document": ["a"], "doc": ["b"]}, {"document_column": "doc"}, "both a 'document' column"),
+], ids=["missing_column", "two_columns"])
+def test_local_document_column_errors(tmp_path, columns, kw, match):
+    path = _write(pd.DataFrame(columns), tmp_path / "d.jsonl")
+    with pytest.raises(ValueError, match=match):
+        load_corpus(path, **kw)
+
+
+def test_embedded_refuses_document_column(pool):
+    with pytest.raises(ValueError, match="document_column= applies to local files and HF datasets"):
+        load_corpus("embedded", n=5, document_column="book")
+
+
+def test_hf_document_column(monkeypatch):
+    import datasets
+
+    def fake_load_dataset(name, split, streaming):
+        gen = lambda: ({"text": f"part {i}", "doc": f"d{i // 3}"} for i in range(30))  # noqa: E731
+        return datasets.IterableDataset.from_generator(gen)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    ds = load_corpus("someone/chunks", n=6, document_column="doc")
+    assert ds["document"] == ["d0", "d0", "d0", "d1", "d1", "d1"]
+    with pytest.raises(ValueError, match=r"has no 'book' column \(columns: \['text', 'doc'\]\)"):
+        load_corpus("someone/chunks", n=6, document_column="book")

@@ -202,7 +202,7 @@ def test_vs_frontier_interpolates_per_replicate():
 def _small_compare(tmp_path, texts=True, **kw):
     g = torch.Generator().manual_seed(0)
     X = torch.randn(120, 16, generator=g) * 2 + 5
-    y = (X[:, :4].sum(1) + torch.randn(120, generator=g)).double() / 2 + 5
+    y = ((X[:, :4].sum(1) + torch.randn(120, generator=g)).double() / 2 - 5).clamp(0, 10)  # on the 0-10 scale
     t = [f"text number {i} " + "word " * (i % 9) for i in range(120)]
     cfg = CompareConfig(**(dict(d_sae=32, steps=4, batch_size=32, topk_ks=(2, 4, 8), k_ranges=((2, 8),), n_boot=50)
                            | kw))
@@ -339,7 +339,7 @@ def test_compare_with_downstream_loss(tmp_path, tiny_neox):
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "theta", "kappa", "lambda", "omicron"]
     texts = [" ".join(words[(i * j) % 10] for j in range(2 + i % 7)) + f" {i}" for i in range(48)]
     X = extract(tiny_neox, texts, 1, max_length=16, progress=False)
-    y = torch.tensor([len(t) for t in texts], dtype=torch.float64) / 5
+    y = torch.tensor([len(t) for t in texts], dtype=torch.float64) / 6  # on the 0-10 scale
     cfg = CompareConfig(d_sae=32, steps=3, batch_size=16, topk_ks=(2, 4, 8), k_ranges=((2, 8),), n_boot=20, layer=1,
                         max_length=16, n_ce=12, ce_batch_size=5)
     comp = compare(X[:36], y[:36], X[36:], y[36:], out=tmp_path / "r.json", cfg=cfg, texts_train=texts[:36],

@@ -418,6 +418,9 @@ def test_fit_many_equals_separate_fits():
         assert p.lambda_ == q.lambda_ and torch.allclose(p.cv_rmse, q.cv_rmse, rtol=1e-10)
         assert torch.allclose(p.weight, q.weight, rtol=1e-9, atol=1e-12) and torch.allclose(p.bias, q.bias)
         assert (p.y_min, p.y_max) == (q.y_min, q.y_max)
+    g = np.repeat(np.arange(30), 3)
+    grouped = fit_many(X, Y, folds=4, seed=2, groups=g)[1]
+    assert torch.allclose(grouped.cv_rmse, RidgeProbe.fit(X, Y[:, 1], folds=4, seed=2, groups=g).cv_rmse, rtol=1e-10)
 
 
 def test_mean_pool():
@@ -428,3 +431,135 @@ def test_mean_pool():
     assert got.tolist() == [[1.0, 2.0], [6.0, 7.0]]
     with pytest.raises(ValueError, match="has no tokens"):
         mean_pool(acts, torch.tensor([0, 0, 0, 0, 0]), 2)
+
+
+# ----------------------------------------------------------------------------- grouped CV, grid extension, OOF
+def _documents(n_docs, rows, d, rng, w, label_shift=2.0):
+    """Rows of a document share a large random offset and a document-level label shift ``u`` that no
+    feature can know: a new document's label is off by ``u`` (sd ``label_shift``) whatever the probe."""
+    g = np.repeat(np.arange(n_docs), rows)
+    offset = rng.normal(size=(n_docs, d)) * 3.0
+    u = rng.normal(size=n_docs) * label_shift
+    X = offset[g] + 0.1 * rng.normal(size=(len(g), d))
+    return X, X @ w + u[g] + 0.1 * rng.normal(size=len(g)), g
+
+
+def test_grouped_cv_does_not_underestimate_the_error_on_new_documents():
+    rng = np.random.default_rng(0)
+    d = 120  # more features than documents: a probe can memorise every training document's shift
+    w = rng.normal(size=d) / np.sqrt(d)
+    X, y, g = _documents(100, 5, d, rng, w)
+    X_new, y_new, _ = _documents(300, 5, d, rng, w)  # unseen documents: the error that matters
+    by_row, by_doc = RidgeProbe.fit(X, y), RidgeProbe.fit(X, y, groups=g)
+    row_cv, doc_cv = float(by_row.cv_rmse.min()), float(by_doc.cv_rmse.min())
+    # by construction no probe beats sd(u) = 2 on a new document; a row CV sees other rows of the
+    # validation row's document in training and reports far less
+    assert row_cv < 1.0 < 1.6 < doc_cv
+    assert row_cv < 0.5 * by_row.evaluate(X_new, y_new)["rmse"]
+    assert doc_cv > 0.8 * by_doc.evaluate(X_new, y_new)["rmse"]
+    assert by_doc.evaluate(X_new, y_new)["rmse"] <= by_row.evaluate(X_new, y_new)["rmse"]
+    folds = pr.validation_folds(5, len(y), 0, groups=g)
+    assert all(not set(g[f.numpy()]) & set(np.delete(g, f.numpy())) for f in folds)  # no document cut
+
+
+def _ridge_case(noise, n=100, d=80, seed=1):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d))
+    return X, X @ rng.normal(size=d) + noise * rng.normal(size=n)
+
+
+def test_grid_extends_while_the_edge_wins_and_stops_inside():
+    X, y = _ridge_case(noise=5.0)  # a noisy, wide problem: the best λ is well above 0.1
+    p = RidgeProbe.fit(X, y, lambdas=(0.01, 0.1), extend_grid=True)
+    grid = p.lambdas.tolist()
+    assert p.grid_extensions >= 1 and grid[:2] == [0.01, 0.1]
+    assert grid[2:] == pytest.approx([0.1 * 10 ** (i + 1) for i in range(p.grid_extensions)])  # factors of 10
+    assert p.lambda_ not in (min(grid), max(grid)) and not p.lambda_at_edge  # stopped once the best was inside
+    fixed = RidgeProbe.fit(X, y, lambdas=grid)  # the same grid given up front: the same choice and CV
+    assert fixed.lambda_ == p.lambda_ and torch.allclose(fixed.cv_rmse, p.cv_rmse)
+    inside = RidgeProbe.fit(X, y, lambdas=grid, extend_grid=True)
+    assert inside.grid_extensions == 0 and inside.lambdas.tolist() == grid
+    plain = RidgeProbe.fit(X, y, lambdas=(0.01, 0.1))  # the old call: no extension, the edge is reported
+    assert plain.lambdas.tolist() == [0.01, 0.1] and plain.lambda_ == 0.1 and plain.lambda_at_edge
+
+
+def test_grid_extension_is_bounded_and_warns():
+    X, y = _ridge_case(noise=0.0, n=200, d=10)  # exactly linear: less penalty is always better
+    with pytest.warns(UserWarning, match="edge still wins after 6 extensions"):
+        p = RidgeProbe.fit(X, y, lambdas=(10.0, 100.0), extend_grid=True)
+    assert p.grid_extensions == pr.MAX_GRID_EXTENSIONS and p.lambda_at_edge
+    assert p.lambda_ == pytest.approx(10.0 / 10**pr.MAX_GRID_EXTENSIONS)
+    zero = RidgeProbe.fit(X, y, lambdas=(0.0, 1.0), extend_grid=True)  # λ = 0 is a final edge
+    assert zero.lambda_ == 0.0 and zero.grid_extensions == 0 and not zero.lambda_at_edge
+
+
+def test_grid_extension_survives_save_and_load(tmp_path):
+    X, y = _ridge_case(noise=5.0)
+    p = RidgeProbe.fit(X, y, lambdas=(0.01, 0.1), extend_grid=True)
+    q = RidgeProbe.load(p.save(tmp_path / "probe"))
+    assert (q.grid_extensions, q.lambda_at_edge) == (p.grid_extensions, p.lambda_at_edge)
+    assert torch.equal(q.lambdas, p.lambdas)
+
+
+@pytest.mark.parametrize("d", [20, 200], ids=["tall_gram_sums", "wide_rows"])
+def test_out_of_fold_prediction_ignores_its_own_label(d):
+    X, y = _ridge_case(noise=1.0, n=150, d=d)
+    g = np.repeat(np.arange(30), 5)
+    grid = (0.0, 0.1, 10.0)  # λ = 0 closes the small end
+    oof = pr.out_of_fold_predict(X, y, groups=g, folds=4, lambdas=grid)
+    i = 17
+    y2 = y.copy()
+    y2[i] += 5.0  # a changed label: it would move any in-sample fit, and a λ chosen with it
+    oof2 = pr.out_of_fold_predict(X, y2, groups=g, folds=4, lambdas=grid)
+    assert oof2[i] == pytest.approx(float(oof[i]), rel=1e-12, abs=1e-12)
+    assert not torch.allclose(oof, oof2)  # the label does reach the rows of other folds
+    assert oof.dtype == torch.float64 and oof.shape == (len(y),)
+
+
+def test_out_of_fold_equals_a_probe_fitted_without_the_fold():
+    X, y = _ridge_case(noise=1.0, n=150)
+    g = np.repeat(np.arange(30), 5)
+    folds = pr.validation_folds(5, len(y), 4, groups=g)
+    val = folds[2].numpy()
+    y[val] += 30 * np.random.default_rng(0).normal(size=len(val))  # fold 2's labels are mostly noise: a λ
+    # chosen with them in training is much larger than one chosen without them
+    oof = pr.out_of_fold_predict(torch.tensor(X, dtype=torch.float32), y, groups=g, folds=5, seed=4,
+                                 lambdas=(0.01, 0.1))
+    assert oof.dtype == torch.float32  # float32 features give float32 predictions, as predict does
+    train = np.setdiff1d(np.arange(len(y)), val)
+    where = {r: k for k, r in enumerate(train)}  # the other folds, re-indexed inside the training part
+    inner = [np.array([where[r] for r in f.numpy()]) for j, f in enumerate(folds) if j != 2]
+    p = RidgeProbe.fit(X[train], y[train], folds=inner, lambdas=(0.01, 0.1), extend_grid=True)
+    assert p.grid_extensions > 0  # the extension is part of what is compared
+    assert torch.allclose(oof[val].double(), p.predict(X[val]), atol=1e-4)
+    everything = RidgeProbe.fit(X, y, groups=g, seed=4, lambdas=(0.01, 0.1), extend_grid=True)
+    assert everything.lambda_ != p.lambda_  # so a λ chosen once on all rows would fail the check above
+
+
+def test_gram_sums_route_matches_the_row_route(monkeypatch):
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(400, 15)) * rng.uniform(0.2, 4, size=15) + rng.normal(size=15) * 30  # big offsets
+    X[:, 3] = 7.0  # a constant feature
+    y = X @ rng.normal(size=15) + 3 * rng.normal(size=400)
+    g = np.repeat(np.arange(80), 5)
+    want = [RidgeProbe.fit(X, y, groups=g, standardize=s) for s in (False, True)]
+    monkeypatch.setattr(pr, "_SVD_MAX_ELEMENTS", 0)
+    for s, a in zip((False, True), want, strict=True):
+        b = RidgeProbe.fit(X, y, groups=g, standardize=s)
+        assert b.lambda_ == a.lambda_ and torch.allclose(b.cv_rmse, a.cv_rmse, rtol=1e-10)
+        assert _rel(b.weight, a.weight) < 1e-9 and torch.allclose(b.x_scale, a.x_scale, rtol=1e-10)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda X, y, g: pr.out_of_fold_predict(X, y, groups=g, folds=2), "needs folds >= 3"),
+    (lambda X, y, g: pr.out_of_fold_predict(X, y, groups=None, folds=[[0, 1], [2, 3], [4, 5]]),
+     "must partition the rows"),
+    (lambda X, y, g: pr.out_of_fold_predict(X, y, groups=[None] + list(g[1:])), r"missing or empty id\(s\)"),
+    (lambda X, y, g: RidgeProbe.fit(X, y, groups=g, folds=[[0, 1, 2], [3, 4, 5]]), "share 1 group"),
+    (lambda X, y, g: RidgeProbe.fit(X, y, groups=g[:-1]), "groups has 59 ids but there are 60 samples"),
+], ids=["oof_two_folds", "oof_partial_folds", "missing_group", "fold_cuts_a_document", "groups_length"])
+def test_grouped_probe_bad_input(call, match):
+    rng = np.random.default_rng(5)
+    X, y = rng.normal(size=(60, 4)), rng.normal(size=60)
+    with pytest.raises(ValueError, match=match):
+        call(X, y, np.repeat(np.arange(15), 4))

@@ -98,7 +98,8 @@ def test_contexts_and_labels_pairs_by_text_and_rebuilds_what_is_missing(tmp_path
     assert got == texts and "labels.parquet" in source
     assert y[0] == 1.0 and math.isnan(y[1]) and y[2] == 3.0  # by text, not by row; a failed label stays NaN
 
-    pd.DataFrame({"text": texts[:2], "complexity": [1.0, 2.0]}).to_parquet(tmp_path / "labels.parquet")
+    pd.DataFrame({"text": [texts[0], "a text of another run"], "complexity": [1.0, 2.0]}).to_parquet(
+        tmp_path / "labels.parquet")
     with pytest.raises(ValueError, match="different runs"):
         report.contexts_and_labels(tmp_path, smol_tokenizer)
 
@@ -302,7 +303,7 @@ def test_find_and_collect_results_from_a_real_compare_run(tmp_path):
     run = tmp_path / "artifacts" / "quick"
     g = torch.Generator().manual_seed(0)
     X = torch.randn(120, 16, generator=g) * 2 + 5
-    y = (X[:, :4].sum(1) + torch.randn(120, generator=g)).double() / 2 + 5
+    y = ((X[:, :4].sum(1) + torch.randn(120, generator=g)).double() / 2 - 5).clamp(0, 10)  # on the 0-10 scale
     cfg = CompareConfig(d_sae=32, steps=4, batch_size=32, topk_ks=(2, 4, 8), k_ranges=((2, 8),), n_boot=50,
                         batchtopk="none")
     compare(X[:90], y[:90], X[90:], y[90:], out=run / "comparison" / "results.json", cfg=cfg, log=None)

@@ -240,7 +240,7 @@ def test_report_reads_a_real_compare_run(tmp_path):
 
     g = torch.Generator().manual_seed(0)
     X = torch.randn(120, 16, generator=g) * 2 + 5
-    y = (X[:, :4].sum(1) + torch.randn(120, generator=g)).double() / 2 + 5
+    y = ((X[:, :4].sum(1) + torch.randn(120, generator=g)).double() / 2 - 5).clamp(0, 10)  # on the 0-10 scale
     texts = [f"text number {i} " + "word " * (i % 9) for i in range(120)]
     cfg = CompareConfig(d_sae=32, steps=4, batch_size=32, topk_ks=(2, 4, 8), k_ranges=((2, 8), (2, 12)), n_boot=30)
     res = compare(X[:90], y[:90], X[90:], y[90:], out=tmp_path / "r.json", cfg=cfg, texts_train=texts[:90],

@@ -308,7 +308,8 @@ def test_batchtopk_learns_in_training_mode_and_thresholds_once_calibrated():
 
 def test_batchtopk_trains_with_train_sae_and_comes_back_in_eval_mode():
     X = torch.randn(300, 16, generator=torch.Generator().manual_seed(1))
-    sae, hist = train_sae(BatchTopKSAE(16, 64, 4, seed=0), X, cfg=TrainConfig(steps=5, batch_size=64), progress=False)
+    cfg = TrainConfig(steps=5, batch_size=64, dead_after_vectors=128)  # AuxK runs in 5 steps
+    sae, hist = train_sae(BatchTopKSAE(16, 64, 4, seed=0), X, cfg=cfg, progress=False)
     assert not sae.training and torch.isfinite(sae.threshold) and not bool(sae.frozen)
     assert (hist["l0"] == 4).all() and (hist["k_min"] < hist["k_max"]).all()  # mean 4, varying per row
 

@@ -133,14 +133,17 @@ def test_checkpoint_resume_equals_uninterrupted_run(tmp_path):
     with pytest.raises(Stop):  # dies after step 10: the last checkpoint is step 8 (inside phase 3)
         train_sae(AdaptiveKSAE(16, 64, k_min=2, k_max=20, seed=0), X, y, cfg, progress=False,
                   checkpoint_dir=tmp_path, callback=stop_at_10)
-    fresh = AdaptiveKSAE(16, 64, k_min=2, k_max=20, seed=123)  # different init: the checkpoint must win
-    res, res_hist = train_sae(fresh, X, y, cfg, progress=False, checkpoint_dir=tmp_path)
+    calls = []
+    fresh = AdaptiveKSAE(16, 64, k_min=2, k_max=20, seed=0)  # the same init (another one is refused)
+    res, res_hist = train_sae(fresh, X, y, cfg, progress=False, checkpoint_dir=tmp_path,
+                              callback=lambda step, row: calls.append(step))
+    assert calls[0] == 9  # resumed after the step-8 checkpoint
     for k, v in ref.state_dict().items():
         assert torch.equal(v, res.state_dict()[k]), k
     assert torch.equal(ref.probe.weight, res.probe.weight)
     cols = [c for c in ref_hist.columns if c != "time_s"]
     assert ref_hist[cols].equals(res_hist[cols])
-    with pytest.raises(ValueError, match="different config"):
+    with pytest.raises(ValueError, match=r"another run: it differs in TrainConfig.lr \(0.001 there, 0.005 now\)"):
         train_sae(AdaptiveKSAE(16, 64, k_min=2, k_max=20), X, y, _small_cfg(lr=5e-3), progress=False,
                   checkpoint_dir=tmp_path)
 
@@ -178,7 +181,7 @@ def test_joint_probe_write_back_and_state_round_trip():
 
 def test_training_with_a_k_per_row():
     X, _, _ = _dictionary_data(n=1000)
-    cfg = TrainConfig(steps=6, batch_size=128, log_every=1)
+    cfg = TrainConfig(steps=6, batch_size=128, log_every=1, dead_after_vectors=256)
     same, _ = train_sae(TopKSAE(32, 64, 4, seed=0), X, cfg=cfg, k=torch.full((1000,), 4), progress=False)
     ref, _ = train_sae(TopKSAE(32, 64, 4, seed=0), X, cfg=cfg, progress=False)
     for name, v in ref.state_dict().items():  # a constant k per row is TopK itself
