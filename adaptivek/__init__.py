@@ -28,6 +28,8 @@ _EXPORTS: dict[str, str] = {
     "controls_table": "linear_encoding",
     "fit_and_score": "linear_encoding",
     "split_indices": "stats",
+    "held_out_split": "linear_encoding",
+    "context_documents": "report",
     "group_split": "stats",
     "group_kfold": "stats",
     "check_disjoint_groups": "stats",

@@ -7,6 +7,10 @@ the TopK frontier at its mean L0 overall and per complexity bin with paired boot
 (:mod:`adaptivek.frontier`), measure the downstream next-token loss with each SAE spliced into the model,
 and write one results JSON atomically (:func:`load_results` reads it).
 
+With document ids (``groups_train``, ``groups_test``) no document may be in both splits, AdaptiveK's
+phase-1 probe is cross-validated by document, and its training k comes from out-of-fold predictions
+(:func:`~adaptivek.lineup.fit_phase1_probe`); the ablations and BatchTopK follow those k values.
+
 Activations are multiplied by ``scale = sqrt(d_in / mean‖x_train‖²)`` before training (SAELens'
 convention), so MSE is in those units; FVE and cosine do not depend on it.
 """
@@ -31,6 +35,7 @@ from . import checks, frontier, lineup
 from .evaluation import downstream_losses, evaluate
 from .io import nan_for_null, write_json
 from .lineup import Lineup, rank_match
+from .stats import GroupCodes, group_codes
 from .training import TrainConfig
 
 RESULTS_FORMAT = 1
@@ -126,8 +131,8 @@ class Comparison:
 
 def compare(X_train: Tensor, y_train: Any, X_test: Tensor, y_test: Any, *, out: str | Path,
             cfg: CompareConfig | None = None, texts_train: Sequence[str] | None = None,
-            texts_test: Sequence[str] | None = None, lm: Any = None, log: Callable[..., Any] | None = print
-            ) -> Comparison:
+            texts_test: Sequence[str] | None = None, lm: Any = None, log: Callable[..., Any] | None = print,
+            groups_train: Any = None, groups_test: Any = None) -> Comparison:
     """Train and compare TopK, AdaptiveK, BatchTopK and the ablations; write ``out`` (JSON) atomically.
 
     ``X_train, y_train``: training vectors [n, d_in] (model units) and their complexity labels;
@@ -136,11 +141,16 @@ def compare(X_train: Tensor, y_train: Any, X_test: Tensor, y_test: Any, *, out: 
     ``texts_train, texts_test``: the texts behind the rows (the length ablation and the downstream loss
     need them; without them those parts are skipped and the JSON says so). ``lm``: the model for the
     downstream loss, spliced at ``cfg.layer``. ``log``: a print-like function for progress (None: silent).
+    ``groups_train, groups_test``: the document id of each row (strings or ints). With ``groups_train``,
+    AdaptiveK's probe is cross-validated by document (grid extended while its edge wins) and its training k
+    comes from out-of-fold predictions (``k_train_source`` in the JSON; without: "in_sample", the paper's
+    way). With both, a document in both splits is an error; the JSON config counts the documents per split.
     """
     t_start = time.perf_counter()
     out = _check_out(out)
     cfg = cfg if cfg is not None else CompareConfig()
     lu, cfg, mean_train = _prepare(X_train, y_train, X_test, y_test, cfg, texts_train, texts_test, lm, log)
+    lu.groups_train, lu.documents = _check_groups(groups_train, groups_test, lu, lu.train.probe_folds)
     lineup.train_topk_sweep(lu, cfg.topk_ks)
     lineup.train_adaptivek(lu, cfg.k_ranges)
     lineup.train_batchtopk(lu, lu.names["adaptivek"][: {"all": None, "first": 1, "none": 0}[cfg.batchtopk]])
@@ -176,6 +186,30 @@ def _check_xy(X: Tensor, y: Any, name: str) -> tuple[Tensor, Tensor]:
     checks.finite_rows(y, f"y_{name}", "a failed label has no complexity: drop those rows before comparing")
     checks.finite_rows(X, f"X_{name}", "drop those rows before comparing")
     return X.float(), y
+
+
+def _check_groups(groups_train: Any, groups_test: Any, lu: Lineup, folds: int
+                  ) -> tuple[GroupCodes | None, dict[str, int | None]]:
+    """The training rows' document codes and the documents per split (None: no ids given), after checking
+    one id per row, no document in both splits, and enough training documents for the grouped probe."""
+    codes = {}
+    for nm, groups, X in (("train", groups_train, lu.Xtr), ("test", groups_test, lu.Xte)):
+        if groups is not None:
+            codes[nm] = group_codes(groups, f"groups_{nm}")
+            checks.same_length(codes[nm].codes, X, f"groups_{nm}", f"X_{nm}")
+    if len(codes) == 2:
+        shared = set(codes["train"].ids.tolist()) & set(codes["test"].ids.tolist())
+        if shared:
+            raise ValueError(f"groups_train and groups_test share {len(shared)} document(s), e.g. "
+                             f"{sorted(shared, key=str)[:5]}: a document in both splits lets the test score "
+                             f"near-copies of training rows; split by document (adaptivek.stats.group_split)")
+    n_docs = len(codes["train"].ids) if "train" in codes else None
+    if n_docs is not None and not 3 <= folds <= n_docs:
+        raise ValueError(f"with groups_train, AdaptiveK's probe uses probe_folds={folds} document-grouped folds "
+                         f"and its out-of-fold k needs 3 <= probe_folds <= the {n_docs} training document(s); "
+                         f"set TrainConfig(probe_folds=...) in that range or give rows from more documents")
+    return (codes.get("train"), {f"n_documents_{nm}": len(codes[nm].ids) if nm in codes else None
+                                 for nm in ("train", "test")})
 
 
 def _prepare(X_train: Tensor, y_train: Any, X_test: Tensor, y_test: Any, cfg: CompareConfig,
@@ -242,7 +276,7 @@ def _config(lu: Lineup, cfg: CompareConfig) -> dict[str, Any]:
             "k_ranges": [list(r) for r in cfg.k_ranges], "ablation_range": list(cfg.ablation), "seed": cfg.seed,
             "scale": cfg.scale, "n_train": len(lu.Xtr), "n_test": len(lu.Xte), "n_boot": cfg.n_boot,
             "n_bins": cfg.n_bins, "interp": cfg.interp, "layer": cfg.layer, "max_length": cfg.max_length,
-            "train": asdict(lu.train), "device": str(lu.device)}
+            "train": asdict(lu.train), "device": str(lu.device)} | lu.documents
 
 
 def load_results(path: str | Path) -> dict[str, Any]:

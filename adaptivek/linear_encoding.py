@@ -1,9 +1,11 @@
 """Is complexity linearly encoded? Layer sweep, controls and OneStopEnglish transfer.
 
-Everything here scores predictions on one held-out test split, drawn once from ``seed``
-(:func:`~adaptivek.stats.split_indices`), so every row of a sweep or a controls table is computed on the same
+Everything here scores predictions on one held-out test split, drawn once from ``seed``, so every row of a sweep or a controls table is computed on the same
 texts, and the bootstrap (also seeded) resamples the same test rows for every row: the CIs are
-paired and :func:`controls_table` can report the CI of the *difference* to the probe.
+paired and :func:`controls_table` can report the CI of the *difference* to the probe. With ``groups``
+(the source document of each row) the split is by document (:func:`~adaptivek.stats.group_split`: no
+document on both sides) and so are the probes' cross-validation folds; without, by row
+(:func:`~adaptivek.stats.split_indices`). ``extend_grid`` widens the λ grid while CV picks its edge.
 
 The controls ask what else could explain a good probe:
 * shuffled labels (the probe's capacity to fit noise). Read its R² and RMSE: its *Pearson* need
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -29,7 +31,7 @@ import torch
 
 from .checks import finite_rows, int_at_least, real_tensor
 from .probe import _NOT_FINITE, LAMBDAS, RidgeProbe, _check_xy, fit_many
-from .stats import bootstrap_ci, ordered_share, pearson, r2, rmse, spearman, split_indices
+from .stats import bootstrap_ci, group_split, ordered_share, pearson, r2, rmse, spearman, split_indices
 
 METRICS = {"rmse": rmse, "pearson": pearson, "spearman": spearman, "r2": r2}
 
@@ -48,33 +50,56 @@ def score_predictions(pred: Any, y: Any, *, n_boot: int = 1000, seed: int = 0, a
     return out
 
 
-def _ridge_row(X, y, train, test, *, lambdas, folds, seed, n_boot, standardize, shuffle=False):
+class Split(NamedTuple):
+    """One held-out split: row indices, and the training rows' groups (None: split by row)."""
+
+    train: torch.Tensor
+    test: torch.Tensor
+    groups_train: Any
+
+
+def held_out_split(n: int, *, test_frac: float = 0.2, seed: int = 0, groups: Any = None) -> Split:
+    """The split every function here uses: by document with ``groups`` [n], else by row."""
+    if groups is None:
+        return Split(*split_indices(n, test_frac=test_frac, seed=seed), None)
+    if len(groups) != n:
+        raise ValueError(f"groups has {len(groups)} entries for {n} rows; give one document id per row")
+    train, test = group_split(groups, (1 - test_frac, test_frac), seed=seed)
+    return Split(train, test, np.asarray(groups, dtype=object)[train.numpy()])
+
+
+def _ridge_row(X, y, split, *, lambdas, folds, seed, n_boot, standardize, extend_grid=False, shuffle=False):
     """Fit a ridge probe on the train rows (labels permuted if ``shuffle``), score on the test rows."""
+    train, test = split.train, split.test
     y_train = y[train]
     if shuffle:
         g = torch.Generator().manual_seed(int(seed) + 1)
         y_train = y_train[torch.randperm(len(y_train), generator=g)]
-    probe = RidgeProbe.fit(X[train], y_train, lambdas=lambdas, folds=folds, seed=seed, standardize=standardize)
+    probe = RidgeProbe.fit(X[train], y_train, lambdas=lambdas, folds=folds, seed=seed, standardize=standardize,
+                           groups=split.groups_train, extend_grid=extend_grid)
     pred = probe.predict(X[test]).double().cpu()
     row = score_predictions(pred, y[test], n_boot=n_boot, seed=seed)
-    row.update(lambda_=probe.lambda_, cv_rmse=float(probe.cv_rmse.min()), n_train=len(train))
+    row.update(lambda_=probe.lambda_, cv_rmse=float(probe.cv_rmse.min()), n_train=len(train),
+               lambda_at_edge=bool(probe.lambda_at_edge))
     return row, pred, probe
 
 
 def fit_and_score(X: Any, y: Any, *, test_frac: float = 0.2, seed: int = 0, n_boot: int = 1000,
-                  lambdas: Sequence[float] = LAMBDAS, folds: int = 5, standardize: bool = False) -> dict:
+                  lambdas: Sequence[float] = LAMBDAS, folds: int = 5, standardize: bool = False,
+                  groups: Any = None, extend_grid: bool = False) -> dict:
     """Ridge probe on one split: ``{"metrics": row, "probe", "pred" [n_test], "y_test", "test" (indices)}``."""
     X, y = _check_xy(X, y)
     X, y = X.cpu(), y.cpu()
-    train, test = split_indices(len(y), test_frac=test_frac, seed=seed)
-    row, pred, probe = _ridge_row(X, y, train, test, lambdas=lambdas, folds=folds, seed=seed, n_boot=n_boot,
-                                  standardize=standardize)
-    return {"metrics": row, "probe": probe, "pred": pred, "y_test": y[test], "test": test}
+    split = held_out_split(len(y), test_frac=test_frac, seed=seed, groups=groups)
+    row, pred, probe = _ridge_row(X, y, split, lambdas=lambdas, folds=folds, seed=seed, n_boot=n_boot,
+                                  standardize=standardize, extend_grid=extend_grid)
+    return {"metrics": row, "probe": probe, "pred": pred, "y_test": y[split.test], "test": split.test,
+            "train": split.train}
 
 
 def layer_sweep(acts_by_layer: dict[int, Any], y: Any, *, test_frac: float = 0.2, seed: int = 0,
                 n_boot: int = 1000, lambdas: Sequence[float] = LAMBDAS, folds: int = 5,
-                standardize: bool = False) -> pd.DataFrame:
+                standardize: bool = False, groups: Any = None, extend_grid: bool = False) -> pd.DataFrame:
     """Ridge probe quality at every layer, on one shared held-out split.
 
     Args:
@@ -86,12 +111,12 @@ def layer_sweep(acts_by_layer: dict[int, Any], y: Any, *, test_frac: float = 0.2
     if not acts_by_layer:
         raise ValueError("acts_by_layer is empty; pass {layer: activations [n, d]}")
     y = finite_rows(real_tensor(y, "y").cpu().flatten(), "y", _NOT_FINITE)
-    train, test = split_indices(len(y), test_frac=test_frac, seed=seed)
+    split = held_out_split(len(y), test_frac=test_frac, seed=seed, groups=groups)
     rows = []
     for layer in sorted(acts_by_layer):
         X, _ = _check_xy(acts_by_layer[layer], y)
-        row, _, _ = _ridge_row(X.cpu(), y, train, test, lambdas=lambdas, folds=folds, seed=seed, n_boot=n_boot,
-                               standardize=standardize)
+        row, _, _ = _ridge_row(X.cpu(), y, split, lambdas=lambdas, folds=folds, seed=seed, n_boot=n_boot,
+                               standardize=standardize, extend_grid=extend_grid)
         rows.append({"layer": int(layer), **row})
     return pd.DataFrame(rows).set_index("layer")
 
@@ -247,7 +272,8 @@ class MLPProbe:
 def controls_table(X: Any, y: Any, *, features: dict[str, Any] | None = None, test_frac: float = 0.2,
                    seed: int = 0, n_boot: int = 1000, lambdas: Sequence[float] = LAMBDAS, folds: int = 5,
                    standardize: bool = False, standardize_features: bool = True,
-                   mlp: bool | dict = True, return_predictions: bool = False):
+                   mlp: bool | dict = True, return_predictions: bool = False, groups: Any = None,
+                   extend_grid: bool = False):
     """The probe on ``X`` against its controls, all on the same held-out split.
 
     Rows (index ``model``): ``ridge probe`` (on X), ``shuffled labels`` (same probe, training labels
@@ -261,15 +287,16 @@ def controls_table(X: Any, y: Any, *, features: dict[str, Any] | None = None, te
     """
     X, y = _check_xy(X, y)
     X, y = X.cpu(), y.cpu()
-    train, test = split_indices(len(y), test_frac=test_frac, seed=seed)
-    kw = dict(lambdas=lambdas, folds=folds, seed=seed, n_boot=n_boot)
+    split = held_out_split(len(y), test_frac=test_frac, seed=seed, groups=groups)
+    train, test = split.train, split.test
+    kw = dict(lambdas=lambdas, folds=folds, seed=seed, n_boot=n_boot, extend_grid=extend_grid)
     rows, preds = {}, {}
-    rows["ridge probe"], preds["ridge probe"], _ = _ridge_row(X, y, train, test, standardize=standardize, **kw)
-    rows["shuffled labels"], preds["shuffled labels"], _ = _ridge_row(X, y, train, test, standardize=standardize,
+    rows["ridge probe"], preds["ridge probe"], _ = _ridge_row(X, y, split, standardize=standardize, **kw)
+    rows["shuffled labels"], preds["shuffled labels"], _ = _ridge_row(X, y, split, standardize=standardize,
                                                                       shuffle=True, **kw)
     for name, F in (features or {}).items():
         F, _ = _check_xy(F, y)
-        rows[name], preds[name], _ = _ridge_row(F.cpu(), y, train, test, standardize=standardize_features, **kw)
+        rows[name], preds[name], _ = _ridge_row(F.cpu(), y, split, standardize=standardize_features, **kw)
     if mlp:
         m = MLPProbe.fit(X[train], y[train], seed=seed, **(mlp if isinstance(mlp, dict) else {}))
         preds["MLP probe"] = m.predict(X[test]).double()
@@ -287,7 +314,8 @@ def controls_table(X: Any, y: Any, *, features: dict[str, Any] | None = None, te
 
 
 def permutation_null(X: Any, y: Any, *, n_perm: int = 20, test_frac: float = 0.2, seed: int = 0,
-                     lambdas: Sequence[float] = LAMBDAS, folds: int = 5, standardize: bool = False) -> pd.DataFrame:
+                     lambdas: Sequence[float] = LAMBDAS, folds: int = 5, standardize: bool = False,
+                     groups: Any = None) -> pd.DataFrame:
     """Test metrics of ridge probes fitted to ``n_perm`` permutations of the training labels.
 
     Same split as :func:`controls_table`; one row per permutation (``rmse``, ``pearson``,
@@ -296,11 +324,12 @@ def permutation_null(X: Any, y: Any, *, n_perm: int = 20, test_frac: float = 0.2
     """
     X, y = _check_xy(X, y)
     X, y = X.cpu(), y.cpu()
-    train, test = split_indices(len(y), test_frac=test_frac, seed=seed)
+    train, test, groups_train = held_out_split(len(y), test_frac=test_frac, seed=seed, groups=groups)
     g = torch.Generator().manual_seed(int(seed) + 7919)
     y_train = y[train]
     Y = torch.stack([y_train[torch.randperm(len(train), generator=g)] for _ in range(n_perm)], 1)  # [n_train, P]
-    probes = fit_many(X[train], Y, lambdas=lambdas, folds=folds, seed=seed, standardize=standardize)
+    probes = fit_many(X[train], Y, lambdas=lambdas, folds=folds, seed=seed, standardize=standardize,
+                      groups=groups_train)
     rows = []
     for i, probe in enumerate(probes):
         pred = probe.predict(X[test]).double()

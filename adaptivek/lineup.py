@@ -6,7 +6,8 @@ with what :func:`~adaptivek.comparison.compare` reports about it. Each ``train_*
 kind of SAE, so a new baseline is one more such function:
 
 * :func:`train_topk_sweep`: TopK at several k, the frontier every other SAE is measured against;
-* :func:`train_adaptivek`: AdaptiveK per ``(k_min, k_max)``, each from the same phase-1 probe;
+* :func:`train_adaptivek`: AdaptiveK per ``(k_min, k_max)``, each from the same phase-1 probe
+  (:func:`fit_phase1_probe`; with document ids its training k comes from out-of-fold predictions);
 * :func:`train_batchtopk`: BatchTopK at AdaptiveK's mean k; it also varies the number of active latents
   per input, but learns how from the data instead of from a complexity probe;
 * :func:`train_ablations`: TopK SAEs given AdaptiveK's k values per row without the complexity signal
@@ -25,8 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .probe import RidgeProbe
+from .probe import RidgeProbe, out_of_fold_predict
 from .sae import AdaptiveKSAE, BatchTopKSAE, TopKSAE
+from .stats import GroupCodes, regression_metrics
 from .training import TrainConfig, train_sae
 
 
@@ -44,13 +46,16 @@ class Lineup:
     device: torch.device
     progress: bool = False
     say: Callable[..., Any] = lambda *_: None
+    groups_train: GroupCodes | None = None  # the document of each training row (None: rows independent)
+    documents: dict[str, int | None] = field(default_factory=dict)  # documents per split, as the JSON records
     saes: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, dict[str, Any]] = field(default_factory=dict)  # per SAE: what the results JSON reports
     eval_k: dict[str, Tensor | None] = field(default_factory=dict)  # per test row k (None: the SAE's own)
     ce_k: dict[str, Callable[[Tensor], Tensor]] = field(default_factory=dict)  # k as a function of a CE batch
     names: dict[str, list[str]] = field(default_factory=dict)  # kind -> SAE names, in training order
     probe: dict[str, Any] = field(default_factory=dict)  # the phase-1 probe's fit (AdaptiveK)
-    pred_train: Tensor | None = None  # the phase-1 probe's predictions on Xtr
+    pred_train: Tensor | None = None  # [n_train] the predictions AdaptiveK's training k comes from
+    k_train: dict[str, Tensor] = field(default_factory=dict)  # per AdaptiveK SAE: its k per training row [n_train]
 
     @property
     def points(self) -> list[str]:
@@ -80,20 +85,46 @@ def train_topk_sweep(lineup: Lineup, ks: Sequence[int]) -> list[str]:
     return names
 
 
-def train_adaptivek(lineup: Lineup, k_ranges: Sequence[tuple[int, int]]) -> list[str]:
-    """AdaptiveK per ``(k_min, k_max)`` (``adaptivek_MIN_MAX``): one probe fit (phase 1) starts every SAE,
-    each trains its own copy; records the probe's fit and each SAE's k on the training and test vectors."""
-    lu, tc = lineup, lineup.train
-    probe = RidgeProbe.fit(lu.Xtr, lu.y_train, lambdas=tc.probe_lambdas, folds=tc.probe_folds, seed=lu.seed)
-    lu.probe = {"lambda": probe.lambda_, "train": probe.evaluate(lu.Xtr, lu.y_train),
+def fit_phase1_probe(lineup: Lineup) -> RidgeProbe:
+    """AdaptiveK's phase-1 probe; sets ``lineup.probe`` (its fit, as the JSON records it) and
+    ``lineup.pred_train``, the predictions on the training vectors that AdaptiveK's training k comes from.
+
+    Without document ids: the paper's fit (row k-fold CV over ``probe_lambdas``) and its in-sample
+    predictions. With ``lineup.groups_train``: CV grouped by document on the grid CV prefers (extended
+    while its edge wins), and out-of-fold predictions (each row predicted by a probe that never saw its
+    document): in-sample predictions sit closer to the labels than anything the probe gives on new data,
+    so AdaptiveK would train with a wider, more label-aligned k than it is tested with.
+    """
+    lu, tc, grouped = lineup, lineup.train, lineup.groups_train is not None
+    probe = RidgeProbe.fit(lu.Xtr, lu.y_train, lambdas=tc.probe_lambdas, folds=tc.probe_folds, seed=lu.seed,
+                           groups=lu.groups_train, extend_grid=grouped)
+    lu.probe = {"lambda": probe.lambda_, "lambda_at_edge": probe.lambda_at_edge,
+                "grid_extensions": probe.grid_extensions, "k_train_source": "out_of_fold" if grouped else "in_sample",
+                "train": probe.evaluate(lu.Xtr, lu.y_train),  # in-sample
                 "test": probe.evaluate(lu.Xte, lu.y_test)}
     lu.pred_train = probe.predict(lu.Xtr).float()
+    if grouped:
+        lu.pred_train = out_of_fold_predict(lu.Xtr, lu.y_train, groups=lu.groups_train, folds=tc.probe_folds,
+                                            lambdas=tc.probe_lambdas, seed=lu.seed, extend_grid=True).float()
+        lu.probe["train_out_of_fold"] = regression_metrics(lu.pred_train.double(), lu.y_train)
+    return probe
+
+
+def train_adaptivek(lineup: Lineup, k_ranges: Sequence[tuple[int, int]]) -> list[str]:
+    """AdaptiveK per ``(k_min, k_max)`` (``adaptivek_MIN_MAX``): one probe fit (phase 1,
+    :func:`fit_phase1_probe`) starts every SAE, each trains its own copy; records the probe's fit and each
+    SAE's k on the training and test vectors. With document ids, phase 2 trains with the k of the
+    out-of-fold predictions (``train_sae(..., k=...)``); without, with the probe's own k (as the paper)."""
+    lu = lineup
+    probe = fit_phase1_probe(lu)
     names = lu.names.setdefault("adaptivek", [])
     for lo, hi in k_ranges:
         sae = AdaptiveKSAE(lu.Xtr.shape[1], lu.d_sae, copy.deepcopy(probe), k_min=lo, k_max=hi, seed=lu.seed)
-        k_tr = sae.k_from_complexity(lu.pred_train)
         name = f"adaptivek_{lo}_{hi}"
-        sae = lu.add(name, sae, lu.y_train, kind="adaptivek", k_range=[lo, hi], k_train_mean=float(k_tr.float().mean()))
+        k_tr = lu.k_train[name] = sae.k_from_complexity(lu.pred_train)
+        sae = lu.add(name, sae, lu.y_train, k_rows=k_tr if lu.groups_train is not None else None, kind="adaptivek",
+                     k_range=[lo, hi], k_train_source=lu.probe["k_train_source"],
+                     k_train_mean=float(k_tr.float().mean()), k_train_min=int(k_tr.min()), k_train_max=int(k_tr.max()))
         k_te = sae.k_from_complexity(sae.probe.predict(lu.Xte).float())
         lu.meta[name] |= {"k_test_mean": float(k_te.float().mean()), "k_test_min": int(k_te.min()),
                           "k_test_max": int(k_te.max()), "probe_test_after_training": sae.probe.evaluate(lu.Xte, lu.y_test)}
@@ -128,7 +159,7 @@ def train_ablations(lineup: Lineup, adaptivek: str, texts_train: Sequence[str] |
     ``shuffled_k`` at random, ``length_k`` by text length in characters (needs both text lists).
     Returns the ablations skipped, with why."""
     ada = lineup.saes[adaptivek]
-    k_tr = ada.k_from_complexity(lineup.pred_train)  # the k values AdaptiveK trained with (phase-1 probe)
+    k_tr = lineup.k_train[adaptivek]  # the k values AdaptiveK trained with (in-sample or out-of-fold)
     k_te = ada.k_from_complexity(ada.probe.predict(lineup.Xte).float())
     g = torch.Generator().manual_seed(lineup.seed)
     perm_tr, perm_te = torch.randperm(len(k_tr), generator=g), torch.randperm(len(k_te), generator=g)
@@ -156,4 +187,5 @@ def rank_match(values: Tensor, target: Tensor) -> Tensor:
     return out
 
 
-__all__ = ["Lineup", "train_topk_sweep", "train_adaptivek", "train_batchtopk", "train_ablations", "rank_match"]
+__all__ = ["Lineup", "train_topk_sweep", "fit_phase1_probe", "train_adaptivek", "train_batchtopk", "train_ablations",
+           "rank_match"]

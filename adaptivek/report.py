@@ -79,7 +79,7 @@ class FixedPredictions:
         import numpy as np
         import torch
 
-        self.values = torch.as_tensor(np.asarray(values))  # keeps the values' dtype (float64 from numpy)
+        self.values = torch.as_tensor(np.array(values))  # a writable copy; keeps the values' dtype (float64 from numpy)
 
     def predict(self, X):
         if len(X) != len(self.values):
@@ -121,6 +121,33 @@ def contexts_and_labels(
         return texts, y, "the offline rubric, computed here (chapter 2 has not run: no labels.parquet)"
     y = torch.tensor(_labels_by_text(texts, labels, texts_path, labels_path), dtype=torch.float64)
     return texts, y, "chapter 2's labels (labels.parquet)"
+
+
+def context_documents(artifacts_dir: str | Path, texts: list[str], *, corpus: str = "embedded", n_texts: int = 1000,
+                      seed: int = 0) -> list[str]:
+    """The source document of each of chapter 1's contexts, for splits that never share a document.
+
+    From chapter 1's ``texts.parquet`` (its ``document`` column), else from the corpus sample that chapter 1
+    drew with the same parameters (each context is a prefix of its sample's text, in the same order). If
+    neither matches ``texts``, each context is its own document, with a warning: a split by row, not by
+    document, which can leak a document's style across the split.
+    """
+    import warnings
+
+    path = Path(artifacts_dir) / "texts.parquet"
+    if path.is_file():
+        frame = pd.read_parquet(path)
+        if "document" in frame and frame["text"].tolist() == list(texts):
+            return frame["document"].astype(str).tolist()
+    from .corpus import load_corpus
+
+    sample = load_corpus(corpus, n=n_texts, seed=seed)
+    if len(sample) == len(texts) and all(full.startswith(t) for full, t in zip(sample["text"], texts, strict=True)):
+        return [str(d) for d in sample["document"]]
+    warnings.warn(f"no document ids for these {len(texts)} contexts ({path} has no matching 'document' column and "
+                  f"the corpus sample differs): each context is its own document, so splits are by row; rerun "
+                  f"chapter 1 to split by document", stacklevel=2)
+    return [f"context:{i}" for i in range(len(texts))]
 
 
 def _labels_by_text(texts: list[str], labels: pd.DataFrame, texts_path: Path, labels_path: Path) -> list[float]:

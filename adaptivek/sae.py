@@ -1,10 +1,9 @@
 """The SAE family: TopK, AdaptiveK (per-sample k from a complexity probe) and BatchTopK, one implementation.
 
-Every SAE shares :class:`SparseAutoencoder` (SAEBench/SAELens layout): pre-activations
-``(x - b_dec) @ W_enc + b_enc`` (:meth:`~SparseAutoencoder.pre_acts`), of which row ``i`` keeps its ``k_i``
-largest positive ones (:func:`variable_topk`: top-k at the largest k, then the rank mask
-``arange(k_max) < k[:, None]``; the reference code runs one ``torch.topk`` per row), and the decoder
-``x_hat = f @ W_dec + b_dec`` with unit-norm rows of ``W_dec [d_sae, d_in]``.
+Every SAE shares :class:`SparseAutoencoder` (SAEBench/SAELens layout): pre-activations ``(x - b_dec) @ W_enc
++ b_enc`` (:meth:`~SparseAutoencoder.pre_acts`), of which row ``i`` keeps its ``k_i`` largest positive ones
+(:func:`variable_topk`: top-k at the largest k, then the rank mask ``arange(k_max) < k[:, None]``; the reference
+code loops over rows), and the decoder ``x_hat = f @ W_dec + b_dec`` with unit-norm rows of ``W_dec``.
 
 A variant is one small class plus its config (:mod:`adaptivek.sae_config`), registered under the config's
 ``architecture``; the class gives the rule for k (``_default_k``): fixed (:class:`TopKSAE`),
@@ -17,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import MISSING, asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
@@ -28,7 +27,7 @@ from torch import Tensor, nn
 from . import sae_config
 from .checks import finite_rows
 from .fused import _addmm, _bag, _encode_topk, fused_forward, geometric_median
-from .sae_config import AdaptiveKConfig, BatchTopKConfig, SAEConfig, TopKConfig, check_k, dtype_name
+from .sae_config import AdaptiveKConfig, BatchTopKConfig, SAEConfig, TopKConfig, dtype_name
 
 if TYPE_CHECKING:
     from .training import TrainConfig
@@ -135,19 +134,8 @@ class SparseAutoencoder(nn.Module):
         return finite_rows(x, "x", "drop those rows before encoding").to(self.dtype)
 
     def _resolve_k(self, x: Tensor, k: int | Tensor | None) -> Tensor:
-        """Per-row k as an int64 tensor [B] on x's device."""
-        if k is None:
-            k = self._default_k(x)
-        elif isinstance(k, Tensor):
-            k = k.expand(len(x)) if k.ndim == 0 else k
-            if k.shape != (len(x),) or k.is_floating_point() or k.dtype == torch.bool or k.is_complex():
-                raise ValueError(f"k must be an int or an integer tensor of shape [batch={len(x)}], got "
-                                 f"{k.dtype} {tuple(k.shape)}")
-            lo, hi = int(k.min()), int(k.max())
-            if lo < 1 or hi > self.d_sae:
-                raise ValueError(f"k must lie in [1, d_sae={self.d_sae}], got values in [{lo}, {hi}]")
-        else:
-            k = torch.full((len(x),), check_k(k, "k", self.d_sae))
+        """Per-row k as an int64 tensor [B] on x's device: the variant's own, or ``k`` checked."""
+        k = self._default_k(x) if k is None else sae_config.per_row_k(k, len(x), self.d_sae)
         return k.to(device=x.device, dtype=torch.int64)
 
     def _dead_idx(self, dead_mask: Tensor | None, k_aux: int) -> Tensor | None:
@@ -209,8 +197,7 @@ class SparseAutoencoder(nn.Module):
         """
         x = self._check_x(x)
         if len(x) == 0:
-            raise ValueError("x has no rows: forward computes a training batch's losses, which need at least one "
-                             "row; encode, encode_sparse and decode accept an empty batch")
+            raise ValueError("x has no rows: forward's training losses need one (encode and decode take an empty batch)")
         k_aux = self.d_in // 2 if k_aux is None else k_aux
         dead_idx = self._dead_idx(dead_mask, k_aux)
         if k_soft is not None:
@@ -405,8 +392,7 @@ class BatchTopKSAE(TopKSAE, config=BatchTopKConfig):
         if not torch.isfinite(self.threshold):
             raise RuntimeError("this BatchTopKSAE has no threshold yet: train it (train_sae) before freezing")
         if X is not None and len(X) == 0:
-            raise ValueError("freeze(X) needs at least one row of X to calibrate the threshold on (or no X: the "
-                             "training-time average)")
+            raise ValueError("freeze(X) needs rows of X to calibrate on (or no X: the training-time average)")
         self.threshold_ema = float(self.threshold)
         if X is not None:
             rows = X[torch.randperm(len(X), generator=torch.Generator().manual_seed(seed))[:max_rows]]
@@ -442,41 +428,21 @@ class BatchTopKSAE(TopKSAE, config=BatchTopKConfig):
 
 def load_sae(path: str | os.PathLike, *, device: str | torch.device | None = None) -> SparseAutoencoder:
     """Restore an SAE written by ``save(path)`` (probe included; format 1 too) as the class registered for
-    its architecture (whose module must have been imported), in eval mode.
-
-    A truncated or edited file is a one-line ValueError naming it (the config, the weights, or the two not
-    matching); a folder without our files is a FileNotFoundError that says what it holds instead."""
+    its architecture (whose module must have been imported), in eval mode. A truncated or edited file is a
+    ValueError naming it; a folder without our files a FileNotFoundError saying what it holds instead."""
     saved, cfg_file, weights = sae_config.read_saved(Path(path))
     cls = sae_config.registered(saved.get("architecture"), where=f"{cfg_file} holds an SAE of")
-    names = [f.name for f in fields(cls.config_class)]
-    missing = [f.name for f in fields(cls.config_class) if f.name not in saved and f.default is MISSING]
-    if missing:
-        raise ValueError(f"{cfg_file} lacks {missing}: truncated or edited; save the SAE again")
     try:
-        sae = cls(**{name: saved[name] for name in names if name in saved})
+        sae = cls(**sae_config.config_fields(cls.config_class, saved, cfg_file))
     except (TypeError, ValueError) as e:
         raise ValueError(f"{cfg_file} holds an invalid config: {e}") from e
-    tensors = _matching(sae, sae_config.read_weights(weights), weights)
+    tensors = sae_config.check_state(sae.state_dict(), sae_config.read_weights(weights), weights)
     try:
         sae.load_state_dict(sae._load_extra(tensors))
     except (KeyError, ValueError, RuntimeError) as e:  # e.g. a probe with entries missing
         raise ValueError(f"{weights} holds damaged entries ({str(e).strip().splitlines()[0]}); save the SAE "
                          f"again") from e
     return (sae.to(device) if device is not None else sae).eval()
-
-
-def _matching(sae: SparseAutoencoder, tensors: dict[str, Tensor], weights: Path) -> dict[str, Tensor]:
-    """``tensors`` if they hold every entry of ``sae``'s state with its shape; else a ValueError naming the file."""
-    state = sae.state_dict()
-    extra = {k for k in tensors if k.startswith("probe.")}
-    problems = [f"missing {k}" for k in state if k not in tensors]
-    problems += [f"{k} is {tuple(tensors[k].shape)}, expected {tuple(v.shape)}" for k, v in state.items()
-                 if k in tensors and tensors[k].shape != v.shape]
-    problems += [f"unexpected {k}" for k in tensors if k not in state and k not in extra]
-    if problems:
-        raise ValueError(f"{weights} does not match its config ({'; '.join(problems[:4])}): the files come from "
-                         f"different saves or were edited; save the SAE again")
-    return tensors
 
 
 __all__ = ["SparseAutoencoder", "TopKSAE", "AdaptiveKSAE", "BatchTopKSAE", "SparseCode", "ForwardOutput",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -227,6 +227,40 @@ def read_saved(path: Path) -> tuple[dict[str, Any], Path, Path]:
     raise FileNotFoundError(f"no saved SAE in {path}: expected {CFG_FILE} and {WEIGHTS_FILE} (written by "
                             f"sae.save(path)){found}")
 
+
+
+def per_row_k(k: Any, n: int, d_sae: int) -> torch.Tensor:
+    """A k given for ``n`` rows (an int, or an integer tensor [n] or []) as a tensor [n], each in [1, d_sae]."""
+    if not isinstance(k, torch.Tensor):
+        return torch.full((n,), check_k(k, "k", d_sae))
+    k = k.expand(n) if k.ndim == 0 else k
+    if k.shape != (n,) or k.is_floating_point() or k.dtype == torch.bool or k.is_complex():
+        raise ValueError(f"k must be an int or an integer tensor of shape [batch={n}], got {k.dtype} {tuple(k.shape)}")
+    if n and (int(k.min()) < 1 or int(k.max()) > d_sae):
+        raise ValueError(f"k must lie in [1, d_sae={d_sae}], got values in [{int(k.min())}, {int(k.max())}]")
+    return k
+
+
+def config_fields(config_class: type, saved: dict[str, Any], cfg_file: Path) -> dict[str, Any]:
+    """The fields of ``config_class`` found in a saved config; a ValueError naming the file if one is missing."""
+    missing = [f.name for f in fields(config_class) if f.name not in saved and f.default is MISSING
+               and f.default_factory is MISSING]
+    if missing:
+        raise ValueError(f"{cfg_file} lacks {missing}: truncated or edited; save the SAE again")
+    return {f.name: saved[f.name] for f in fields(config_class) if f.name in saved}
+
+
+def check_state(state: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], weights: Path
+                ) -> dict[str, torch.Tensor]:
+    """``tensors`` if they hold every entry of an SAE's ``state`` with its shape; else a ValueError naming the file."""
+    problems = [f"missing {k}" for k in state if k not in tensors]
+    problems += [f"{k} is {tuple(tensors[k].shape)}, expected {tuple(v.shape)}" for k, v in state.items()
+                 if k in tensors and tensors[k].shape != v.shape]
+    problems += [f"unexpected {k}" for k in tensors if k not in state and not k.startswith("probe.")]
+    if problems:
+        raise ValueError(f"{weights} does not match its config ({'; '.join(problems[:4])}): the files come from "
+                         f"different saves or were edited; save the SAE again")
+    return tensors
 
 __all__ = ["SAEConfig", "TopKConfig", "AdaptiveKConfig", "BatchTopKConfig", "read_saved", "write_saved",
            "read_json", "read_weights",

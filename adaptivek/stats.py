@@ -108,7 +108,7 @@ def auroc(scores: Any, labels: Any) -> float:
     NaN scores are dropped; NaN when only one class is left.
     """
     s = _as_metric_tensor(scores).flatten()
-    y = torch.as_tensor(np.asarray(labels, dtype=bool)).flatten()
+    y = torch.as_tensor(np.array(labels, dtype=bool)).flatten()  # a copy: pandas may hand out a read-only array
     same_length(s, y, "scores", "labels")
     keep = ~s.isnan()
     s, y = s[keep], y[keep]

@@ -199,15 +199,23 @@ def test_vs_frontier_interpolates_per_replicate():
     assert linear["frontier"] == pytest.approx(0.5 + 0.2 / 3)
 
 
-def _small_compare(tmp_path, texts=True, **kw):
+def _small_data():
+    """120 rows [120, 16], labels on the 0-10 scale, texts, and document ids (6 rows each: the first 90 rows,
+    the training split, hold documents 0-14, the test rows documents 15-19)."""
     g = torch.Generator().manual_seed(0)
     X = torch.randn(120, 16, generator=g) * 2 + 5
     y = ((X[:, :4].sum(1) + torch.randn(120, generator=g)).double() / 2 - 5).clamp(0, 10)  # on the 0-10 scale
     t = [f"text number {i} " + "word " * (i % 9) for i in range(120)]
+    return X, y, t, [f"doc{i // 6}" for i in range(120)]
+
+
+def _small_compare(tmp_path, texts=True, groups_train=None, groups_test=None, **kw):
+    X, y, t, _ = _small_data()
     cfg = CompareConfig(**(dict(d_sae=32, steps=4, batch_size=32, topk_ks=(2, 4, 8), k_ranges=((2, 8),), n_boot=50)
                            | kw))
     return compare(X[:90], y[:90], X[90:], y[90:], out=tmp_path / "results.json", cfg=cfg,
-                   texts_train=t[:90] if texts else None, texts_test=t[90:] if texts else None, log=None)
+                   texts_train=t[:90] if texts else None, texts_test=t[90:] if texts else None, log=None,
+                   groups_train=groups_train, groups_test=groups_test)
 
 
 def test_compare_writes_results_json(tmp_path):
@@ -291,6 +299,129 @@ def test_compare_checks_the_output_path_before_training(tmp_path, monkeypatch):
 def test_compare_config_rejects_bad_settings(kw, match):
     with pytest.raises(ValueError, match=match):
         CompareConfig(**({"d_sae": 8, "topk_ks": (1, 2), "k_ranges": ((1, 2),)} | kw))
+
+
+# ----------------------------------------------------------------------------- document ids
+def _record_training(monkeypatch):
+    """Wrap lineup.train_sae: returns the list of (SAE class name, per-row k or None) of every training."""
+    import adaptivek.lineup
+
+    calls, real = [], adaptivek.lineup.train_sae
+
+    def recording(sae, X, y=None, cfg=None, *, k=None, **kw):
+        calls.append((type(sae).__name__, None if k is None else k.clone()))
+        return real(sae, X, y, cfg, k=k, **kw)
+
+    monkeypatch.setattr(adaptivek.lineup, "train_sae", recording)
+    return calls
+
+
+def _phase1_k(X, y, docs, scale, grouped):
+    """AdaptiveK (2, 8)'s training k recomputed from public pieces: complexity_to_k of the out-of-fold
+    predictions (grouped) or of the in-sample predictions of the paper's probe."""
+    from adaptivek.probe import RidgeProbe, complexity_to_k, out_of_fold_predict
+    from adaptivek.training import TrainConfig
+
+    Xs, lam = X * scale, TrainConfig().probe_lambdas  # compare scales X before any fit
+    if grouped:
+        pred = out_of_fold_predict(Xs, y, groups=docs, folds=5, lambdas=lam, seed=0, extend_grid=True)
+    else:
+        pred = RidgeProbe.fit(Xs, y, lambdas=lam, folds=5, seed=0).predict(Xs)
+    return complexity_to_k(pred.float(), k_min=2, k_max=8)
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["document-ids", "no-ids"])
+def test_compare_training_k(tmp_path, monkeypatch, grouped):
+    X, y, _, docs = _small_data()
+    calls = _record_training(monkeypatch)
+    res = _small_compare(tmp_path, groups_train=docs[:90] if grouped else None,
+                         groups_test=docs[90:] if grouped else None)
+    k = _phase1_k(X[:90], y[:90], docs[:90], res.scale, grouped)
+    other = _phase1_k(X[:90], y[:90], docs[:90], res.scale, not grouped)
+    assert not torch.equal(k, other)  # in-sample and out-of-fold k differ here: the test can tell them apart
+    (ada_k,) = [kk for cls, kk in calls if cls == "AdaptiveKSAE"]
+    if grouped:
+        assert torch.equal(ada_k, k)  # phase 2 trains with the out-of-fold k
+    else:
+        assert ada_k is None  # phase 2 takes k from the probe itself, as before
+    saes, probe = res.results["saes"], res.results["probe"]
+    ada = saes["adaptivek_2_8"]
+    assert ada["k_train_source"] == probe["k_train_source"] == ("out_of_fold" if grouped else "in_sample")
+    assert (ada["k_train_mean"], ada["k_train_min"], ada["k_train_max"]) == (
+        float(k.float().mean()), int(k.min()), int(k.max()))
+    ablation_k = [kk for cls, kk in calls if cls == "TopKSAE" and kk is not None]
+    assert len(ablation_k) == 2  # shuffled_k and length_k
+    for kk in ablation_k:  # the same multiset of k values as AdaptiveK's training k
+        assert torch.equal(kk.sort().values, k.sort().values)
+    batchtopk = next(s for s in saes.values() if s["kind"] == "batchtopk")
+    assert batchtopk["k"] == max(1, round(float(k.float().mean())))
+    assert ("train_out_of_fold" in probe) == grouped
+    assert (res.results["config"]["n_documents_train"], res.results["config"]["n_documents_test"]) == (
+        (15, 5) if grouped else (None, None))
+
+
+def test_grouped_probe_is_the_document_cv_fit(tmp_path):
+    from adaptivek.probe import RidgeProbe, out_of_fold_predict
+    from adaptivek.stats import pearson
+    from adaptivek.training import TrainConfig
+
+    X, y, _, docs = _small_data()
+    res = _small_compare(tmp_path, groups_train=docs[:90], groups_test=docs[90:])
+    Xs = X[:90] * res.scale
+    probe = RidgeProbe.fit(Xs, y[:90], lambdas=TrainConfig().probe_lambdas, folds=5, seed=0, groups=docs[:90],
+                           extend_grid=True)
+    got = res.results["probe"]
+    assert (got["lambda"], got["lambda_at_edge"], got["grid_extensions"]) == (
+        probe.lambda_, probe.lambda_at_edge, probe.grid_extensions)
+    assert got["train"]["pearson"] == pytest.approx(float(pearson(probe.predict(Xs).double(), y[:90])), rel=1e-9)
+    pred = out_of_fold_predict(Xs, y[:90], groups=docs[:90], lambdas=TrainConfig().probe_lambdas, seed=0)
+    assert got["train_out_of_fold"]["pearson"] == pytest.approx(float(pearson(pred.double(), y[:90])), rel=1e-9)
+    assert got["train_out_of_fold"]["pearson"] < got["train"]["pearson"]  # in-sample flatters the probe
+
+
+def test_compare_without_ids_trains_adaptivek_as_before(tmp_path):
+    """Without document ids AdaptiveK is the paper's: train_sae from the in-sample probe, no k given."""
+    from dataclasses import replace
+
+    from adaptivek import AdaptiveKSAE
+    from adaptivek.probe import RidgeProbe
+    from adaptivek.training import TrainConfig, train_sae
+
+    X, y, _, _ = _small_data()
+    comp = _small_compare(tmp_path)
+    Xs, Xte = X[:90] * comp.scale, X[90:] * comp.scale
+    tc = replace(TrainConfig(), seed=0, steps=4, batch_size=32)
+    probe = RidgeProbe.fit(Xs, y[:90], lambdas=tc.probe_lambdas, folds=tc.probe_folds, seed=0)
+    sae, _ = train_sae(AdaptiveKSAE(16, 32, probe, k_min=2, k_max=8, seed=0), Xs, y[:90], tc, progress=False)
+    got = comp.saes["adaptivek_2_8"].state_dict()
+    assert all(torch.equal(v, got[name]) for name, v in sae.state_dict().items())
+    assert comp.results["saes"]["adaptivek_2_8"]["metrics"]["fve"] == evaluate(sae, Xte)["fve"]
+    assert comp.results["probe"]["lambda"] == probe.lambda_
+
+
+def _docs():
+    return _small_data()[3]
+
+
+@pytest.mark.parametrize("groups, cfg, match", [
+    ((_docs()[:90], _docs()[90:-1] + ["doc3"]), {}, r"share 1 document\(s\), e\.g\. \['doc3'\]"),
+    ((_docs()[:89], None), {}, "groups_train has 89 entries"),
+    ((_docs()[:90], _docs()[91:]), {}, "groups_test has 29 entries"),
+    (([None] + _docs()[1:90], None), {}, "groups_train has 1 missing"),
+    ((["a", "b"] * 45, None), {}, "the 2 training document"),
+    ((_docs()[:90], None), {"probe_folds": 2}, "3 <= probe_folds"),
+], ids=["shared-document", "train-length", "test-length", "missing-id", "too-few-documents", "two-folds"])
+def test_compare_rejects_bad_document_ids(tmp_path, monkeypatch, groups, cfg, match):
+    import adaptivek.lineup
+    from adaptivek.training import TrainConfig
+
+    def no_training(*a, **k):
+        raise AssertionError("trained before checking the document ids")
+
+    monkeypatch.setattr(adaptivek.lineup, "train_sae", no_training)
+    with pytest.raises(ValueError, match=match):
+        _small_compare(tmp_path, groups_train=groups[0], groups_test=groups[1], train_cfg=TrainConfig(**cfg))
+    assert list(tmp_path.iterdir()) == []
 
 
 def _data(n=20, d=4):

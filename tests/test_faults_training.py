@@ -283,10 +283,10 @@ def test_an_empty_batch_encodes_and_decodes_to_empty_results(kind, op, shape):
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda: _sae("topk")(torch.zeros(0, 16)), "x has no rows: forward computes a training batch's losses"),
+    (lambda: _sae("topk")(torch.zeros(0, 16)), "x has no rows: forward's training losses need one"),
     (lambda: _sae("adaptivek")(torch.zeros(0, 16)), "x has no rows"),
     (lambda: _sae("topk").init_b_dec(torch.zeros(0, 16)), "init_b_dec needs at least one row"),
-    (lambda: _sae("batchtopk-frozen").freeze(torch.zeros(0, 16)), r"freeze\(X\) needs at least one row"),
+    (lambda: _sae("batchtopk-frozen").freeze(torch.zeros(0, 16)), r"freeze\(X\) needs rows of X"),
     (lambda: train_sae(TopKSAE(16, 64, 4), torch.zeros(0, 16), progress=False), "X is empty"),
 ], ids=["forward-topk", "forward-adaptivek", "init_b_dec", "freeze", "train"])
 def test_what_needs_rows_refuses_an_empty_batch(call, match):

@@ -337,3 +337,19 @@ def test_runs_helpers_with_no_runs_show_the_paper_only():
     assert set(report.adaptivek_runs_table({}).index.get_level_values("run")) == {"paper"}
     assert report.frontier_signs({}) == [] and report.claim2_verdict([]).startswith("Not measured")
     assert [ax.get_title() for ax in report.plot_runs({}).axes] == ["paper (k-range table)"]
+
+
+def test_context_documents_reads_chapter_1_or_falls_back_with_a_warning(tmp_path):
+    texts = ["one context", "another context"]
+    pd.DataFrame({"text": texts, "source": ["a", "b"], "document": ["a:1", "b:7"]}).to_parquet(tmp_path / "texts.parquet")
+    assert report.context_documents(tmp_path, texts) == ["a:1", "b:7"]
+    with pytest.warns(UserWarning, match="each context is its own document"):
+        assert report.context_documents(tmp_path, texts[::-1], n_texts=2) == ["context:0", "context:1"]
+
+
+def test_context_documents_rebuilds_from_the_corpus_sample(tmp_path):
+    from adaptivek import load_corpus
+
+    sample = load_corpus("embedded", n=3, seed=5)
+    prefixes = [t[:20] for t in sample["text"]]  # chapter 1's contexts are prefixes of the sampled texts
+    assert report.context_documents(tmp_path, prefixes, n_texts=3, seed=5) == list(sample["document"])

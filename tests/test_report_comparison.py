@@ -235,7 +235,8 @@ def test_latents_follow_the_fixed_rule():
     assert "r = 1.00" in table.index[0][0]
 
 
-def test_report_reads_a_real_compare_run(tmp_path):
+@pytest.mark.parametrize("grouped", [False, True], ids=["no-ids", "document-ids"])
+def test_report_reads_a_real_compare_run(tmp_path, grouped):
     from adaptivek.comparison import CompareConfig, compare
 
     g = torch.Generator().manual_seed(0)
@@ -244,7 +245,10 @@ def test_report_reads_a_real_compare_run(tmp_path):
     texts = [f"text number {i} " + "word " * (i % 9) for i in range(120)]
     cfg = CompareConfig(d_sae=32, steps=4, batch_size=32, topk_ks=(2, 4, 8), k_ranges=((2, 8), (2, 12)), n_boot=30)
     res = compare(X[:90], y[:90], X[90:], y[90:], out=tmp_path / "r.json", cfg=cfg, texts_train=texts[:90],
-                  texts_test=texts[90:], log=None).results
+                  texts_test=texts[90:], log=None, **({"groups_train": [i // 6 for i in range(90)],
+                                                       "groups_test": [i // 6 for i in range(90, 120)]} if grouped else {})
+                  ).results
+    assert res["probe"]["k_train_source"] == ("out_of_fold" if grouped else "in_sample")
     assert set(report.verdict_sentences(res)) == {"verdict_frontier", "verdict_ce", "verdict_batchtopk",
                                                   "verdict_ablation", "verdict_paper"}
     assert set(report.bin_summary(res)) >= {"bin_low_word", "bin_high_word", "bin_sentence"}

@@ -120,3 +120,41 @@ def test_validation_folds_with_groups():
 def test_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# ----------------------------------------------------------------------------- the probes' held-out split
+def test_held_out_split_by_document_shares_no_document():
+    from adaptivek.linear_encoding import held_out_split
+
+    docs = [f"doc{i // 7}" for i in range(140)]  # 20 documents of 7 rows
+    train, test, docs_train = held_out_split(len(docs), test_frac=0.25, seed=3, groups=docs)
+    assert not {docs[i] for i in train.tolist()} & {docs[i] for i in test.tolist()}
+    assert sorted(train.tolist() + test.tolist()) == list(range(140))
+    assert list(docs_train) == [docs[i] for i in train.tolist()]
+    by_row = held_out_split(len(docs), test_frac=0.25, seed=3)
+    assert by_row.groups_train is None
+    assert {docs[i] for i in by_row.train.tolist()} & {docs[i] for i in by_row.test.tolist()}  # rows: shared
+
+
+def test_held_out_split_refuses_groups_of_the_wrong_length():
+    from adaptivek.linear_encoding import held_out_split
+
+    with pytest.raises(ValueError, match="one document id per row"):
+        held_out_split(10, groups=["a"] * 9)
+
+
+def test_probe_functions_take_documents(one_thread):
+    from adaptivek.linear_encoding import controls_table, fit_and_score, layer_sweep, permutation_null
+
+    g = torch.Generator().manual_seed(0)
+    docs = [f"d{i // 5}" for i in range(100)]
+    offset = torch.randn(20, 8, generator=g).repeat_interleave(5, 0)  # rows of a document share an offset
+    X = offset + 0.1 * torch.randn(100, 8, generator=g)
+    y = X[:, 0] * 2 + 5
+    fit = fit_and_score(X, y, groups=docs, n_boot=20)
+    assert not {docs[i] for i in fit["train"].tolist()} & {docs[i] for i in fit["test"].tolist()}
+    sweep = layer_sweep({0: X, 1: X * 2}, y, groups=docs, n_boot=20)
+    assert list(sweep.index) == [0, 1] and sweep["n"].iloc[0] == len(fit["test"])
+    table = controls_table(X, y, groups=docs, n_boot=20, mlp=False)
+    assert table.loc["ridge probe", "n"] == len(fit["test"])
+    assert len(permutation_null(X, y, n_perm=3, groups=docs)) == 3
