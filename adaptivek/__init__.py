@@ -76,6 +76,13 @@ _EXPORTS: dict[str, str] = {
     "downstream_loss": "evaluation",
     "compare": "comparison",
     "CompareConfig": "comparison",
+    "SAEData": "sae_data",
+    "build_sae_data": "sae_data",
+    "load_sae_data": "sae_data",
+    "generalisation_table": "regime",
+    "pca_fve": "regime",
+    "latent_health": "regime",
+    "HeldOutCurve": "regime",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

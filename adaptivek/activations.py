@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, overload
@@ -255,7 +255,7 @@ def extract(
     texts: Sequence[str],
     layer: int | Sequence[int],
     *,
-    token: Token = "last",
+    token: Token | Mapping[int, Token] = "last",
     max_length: int = 128,
     batch_size: int = 32,
     cache_dir: str | os.PathLike | None = None,
@@ -271,7 +271,9 @@ def extract(
         layer: an int (NumPy integers too), or a list of ints read in one forward pass (returns
             ``{layer: result}``).
         token: ``"last"`` -> ``[len(texts), d_model]`` at each text's last real token;
-            ``"all"`` -> ``(acts [n_tokens, d_model], text_index [n_tokens])`` without padding.
+            ``"all"`` -> ``(acts [n_tokens, d_model], text_index [n_tokens])`` without padding;
+            or a mapping ``{layer: "last" | "all"}`` covering exactly the layers requested, to read
+            e.g. the last token of every layer and all tokens of one in the same forward pass.
         max_length: truncation length in tokens (>= 1).
         batch_size: texts per forward pass; texts are sorted by length so batches pad little.
         cache_dir: if given, results are stored there keyed by (the weights' content and dtype,
@@ -286,8 +288,7 @@ def extract(
     """
     texts = _check_texts(texts)
     layers = _check_layers(lm, layer)
-    if token not in ("last", "all"):
-        raise ValueError(f"token must be 'last' or 'all', got {token!r}")
+    modes = _token_modes(token, layers)
     int_at_least(max_length, "max_length")
     int_at_least(batch_size, "batch_size")
     if padding_side not in ("left", "right"):
@@ -296,11 +297,14 @@ def extract(
     results, specs = {}, {}
     cache = Path(cache_dir) if cache_dir is not None else None
     if cache is not None:
-        specs = {ly: _spec(lm, ly, token, max_length) for ly in layers}
+        specs = {ly: _spec(lm, ly, modes[ly], max_length) for ly in layers}
         results = {ly: hit for ly, spec in specs.items() if (hit := _cached(cache, spec, texts)) is not None}
+        results |= _last_from_all(cache, lm, [ly for ly in layers if ly not in results and modes[ly] == "last"],
+                                  texts, max_length)
     todo = [ly for ly in layers if ly not in results]
     if todo:
-        computed = _run(lm, texts, todo, token, max_length, batch_size, progress, padding_side, remote)
+        computed = _run(lm, texts, {ly: modes[ly] for ly in todo}, max_length, batch_size, progress, padding_side,
+                        remote)
         for ly in todo:
             results[ly] = computed[ly]
             if cache is not None:
@@ -310,49 +314,71 @@ def extract(
     return {ly: results[ly] for ly in layers}
 
 
-def _run(lm, texts, layers, token, max_length, batch_size, progress, padding_side, remote):
+def _last_from_all(cache: Path, lm, layers: list[int], texts: list[str], max_length: int) -> dict:
+    """Last-token results read off a cached every-token entry of the same layer (no forward pass): chapter 1
+    caches every token of the SAE's layer, and later calls for its last tokens must not run the model."""
+    out = {}
+    for ly in layers:
+        hit = _cached(cache, _spec(lm, ly, "all", max_length), texts)
+        if hit is not None:
+            acts, text_index = hit
+            ends = torch.cat([text_index[1:] != text_index[:-1], torch.tensor([True])])  # [n_tokens] last of its text
+            out[ly] = acts[ends]
+    return out
+
+
+def _token_modes(token, layers: list[int]) -> dict[int, str]:
+    """``{layer: "last" | "all"}`` for every requested layer, from one mode or a mapping that covers them."""
+    if isinstance(token, Mapping):
+        modes = {integer(ly, "a token mapping's layer"): m for ly, m in token.items()}
+        if set(modes) != set(layers):
+            raise ValueError(f"a token mapping must give the mode of exactly the layers requested {layers}, got "
+                             f"keys {sorted(modes, key=str)}; e.g. token={{ly: 'last' for ly in layers}} | {{12: 'all'}}")
+    else:
+        modes = dict.fromkeys(layers, token)
+    bad = {ly: m for ly, m in modes.items() if m not in ("last", "all")}
+    if bad:
+        raise ValueError(f"token must be 'last' or 'all' (or a mapping of layers to them), got {bad or token!r}")
+    return modes
+
+
+def _run(lm, texts, modes: dict[int, str], max_length, batch_size, progress, padding_side, remote):
+    """One pass over ``texts`` in length-sorted batches; ``modes``: layer -> "last" or "all"."""
     from tqdm.auto import tqdm
 
     tok = lm.tokenizer
     device = model_device(lm)
     envoys = blocks(lm)
-    deepest = max(layers)
+    layers = list(modes)
     # tokenise once (no padding) to sort by length: batches of similar length pad little
     lengths = torch.tensor([len(ids) for ids in tok(texts, truncation=True, max_length=max_length)["input_ids"]])
     if (lengths == 0).any():
         i = int((lengths == 0).nonzero()[0])
         raise ValueError(f"texts[{i}] tokenises to zero tokens; drop it")
     order = torch.argsort(lengths, descending=True, stable=True)
-    last_parts: dict[int, list[torch.Tensor]] = {ly: [] for ly in layers}
-    all_parts: dict[int, list[torch.Tensor]] = {ly: [] for ly in layers}
+    parts: dict[int, list[torch.Tensor]] = {ly: [] for ly in layers}
     index_parts: list[torch.Tensor] = []
-    starts = range(0, len(texts), batch_size)
-    for start in tqdm(starts, desc=f"extract layers {layers}", disable=not progress, unit="batch"):
+    for start in tqdm(range(0, len(texts), batch_size), desc=f"extract layers {layers}", disable=not progress,
+                      unit="batch"):
         idx = order[start:start + batch_size]
         enc = tok([texts[i] for i in idx.tolist()], padding=True, truncation=True, max_length=max_length,
                   return_tensors="pt", padding_side=padding_side)
         mask = enc["attention_mask"].to(device)
-        input_ids = enc["input_ids"].to(device)
         position_ids = (mask.cumsum(1) - 1).clamp(min=0)  # right for left padding too
-        outs = _trace_batch(lm, envoys, layers, deepest, input_ids, mask, position_ids, remote)
-        if token == "last":
-            rows = torch.arange(len(idx), device=device)
-            last = last_token_index(mask)
-            for ly in layers:
-                last_parts[ly].append(outs[ly][rows, last].float().cpu())
-        else:
-            keep = mask.bool()  # [B, T]
-            for ly in layers:
-                all_parts[ly].append(outs[ly][keep].float().cpu())  # [n_real, d]
-            index_parts.append(idx[:, None].expand(keep.shape)[keep.cpu()])
+        outs = _trace_batch(lm, envoys, layers, max(layers), enc["input_ids"].to(device), mask, position_ids, remote)
+        keep = mask.bool()  # [B, T]
+        last = last_token_index(mask)
+        for ly in layers:
+            rows = outs[ly][keep] if modes[ly] == "all" else outs[ly][torch.arange(len(idx), device=device), last]
+            parts[ly].append(rows.float().cpu())  # "all": [n_real, d]; "last": [B, d]
+        index_parts.append(idx[:, None].expand(keep.shape)[keep.cpu()])
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(len(order))
-    if token == "last":
-        return {ly: torch.cat(last_parts[ly])[inverse] for ly in layers}
     # "all": restore text order; tokens of one text stay in sequence order
     text_index = torch.cat(index_parts)
     perm = torch.argsort(text_index, stable=True)
-    return {ly: (torch.cat(all_parts[ly])[perm], text_index[perm]) for ly in layers}
+    return {ly: torch.cat(parts[ly])[inverse] if modes[ly] == "last" else (torch.cat(parts[ly])[perm], text_index[perm])
+            for ly in layers}
 
 
 def _trace_batch(lm, envoys, layers, deepest, input_ids, mask, position_ids, remote):

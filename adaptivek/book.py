@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from .io import atomic_path, write_json
+from .io import atomic_path, write_json, writer_alive
 
 EMBEDDED = ("smollm2-135m",)
 PROFILE_KEYS = ("description", "defaults", "chapters", "estimate", "dry_run")
@@ -275,8 +275,10 @@ def run_book(
 
 
 def _clean_partials(out_dir: Path, log=print) -> None:
-    """Delete the half-written notebooks (``.NAME.ipynb.*.partial.ipynb``) that a killed run left behind."""
-    stale = sorted(out_dir.rglob(".*.partial.ipynb")) if out_dir.is_dir() else []
+    """Delete the half-written notebooks (``.NAME.ipynb.*.partial.ipynb``) that a killed run left behind
+    (never those of a run that is still going: another ``book run`` may be executing a chapter)."""
+    found = sorted(out_dir.rglob(".*.partial.ipynb")) if out_dir.is_dir() else []
+    stale = [p for p in found if not writer_alive(p)]
     for path in stale:
         path.unlink(missing_ok=True)
     if stale:

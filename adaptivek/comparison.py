@@ -132,7 +132,8 @@ class Comparison:
 def compare(X_train: Tensor, y_train: Any, X_test: Tensor, y_test: Any, *, out: str | Path,
             cfg: CompareConfig | None = None, texts_train: Sequence[str] | None = None,
             texts_test: Sequence[str] | None = None, lm: Any = None, log: Callable[..., Any] | None = print,
-            groups_train: Any = None, groups_test: Any = None) -> Comparison:
+            groups_train: Any = None, groups_test: Any = None, lengths_train: Any = None, lengths_test: Any = None,
+            ce_texts: Sequence[str] | None = None, ce_rows: Any = None) -> Comparison:
     """Train and compare TopK, AdaptiveK, BatchTopK and the ablations; write ``out`` (JSON) atomically.
 
     ``X_train, y_train``: training vectors [n, d_in] (model units) and their complexity labels;
@@ -144,19 +145,28 @@ def compare(X_train: Tensor, y_train: Any, X_test: Tensor, y_test: Any, *, out: 
     ``groups_train, groups_test``: the document id of each row (strings or ints). With ``groups_train``,
     AdaptiveK's probe is cross-validated by document (grid extended while its edge wins) and its training k
     comes from out-of-fold predictions (``k_train_source`` in the JSON; without: "in_sample", the paper's
-    way). With both, a document in both splits is an error; the JSON config counts the documents per split.
+    way). With both, a document in both splits is an error; the JSON config counts the documents per split,
+    and every bootstrap interval of the reconstruction resamples test documents, not rows.
+
+    Token-level data (rows are tokens, several per text): NaN labels mark unlabelled rows, allowed with
+    ``TrainConfig(unlabelled="reconstruct_only")`` in ``cfg.train_cfg`` (they train and test every SAE but
+    never fit the probe, and sit in no complexity bin). Instead of per-row texts give ``lengths_train``,
+    ``lengths_test`` (how much each row has read, e.g. its position + 1: the length ablation) and
+    ``ce_texts`` with ``ce_rows`` (the test row spliced in each text: its second-to-last token), for the
+    downstream loss; the ablations' k is tied to test rows, so they get a downstream loss only then.
     """
     t_start = time.perf_counter()
     out = _check_out(out)
     cfg = cfg if cfg is not None else CompareConfig()
-    lu, cfg, mean_train = _prepare(X_train, y_train, X_test, y_test, cfg, texts_train, texts_test, lm, log)
-    lu.groups_train, lu.documents = _check_groups(groups_train, groups_test, lu, lu.train.probe_folds)
+    data = _inputs(texts_train, texts_test, lengths_train, lengths_test, ce_texts, ce_rows)
+    lu, cfg, mean_train = _prepare(X_train, y_train, X_test, y_test, cfg, data, lm, log)
+    lu.groups_train, lu.documents, groups_test = _check_groups(groups_train, groups_test, lu, lu.train.probe_folds)
     lineup.train_topk_sweep(lu, cfg.topk_ks)
     lineup.train_adaptivek(lu, cfg.k_ranges)
     lineup.train_batchtopk(lu, lu.names["adaptivek"][: {"all": None, "first": 1, "none": 0}[cfg.batchtopk]])
-    skipped = lineup.train_ablations(lu, _ablated(cfg), texts_train, texts_test)
-    ev, recon = _evaluate(lu, cfg)
-    ce = _downstream(lu, cfg, lm, texts_test, mean_train, recon["bin_of"]) if lm is not None else None
+    skipped = lineup.train_ablations(lu, _ablated(cfg), data["lengths_train"], data["lengths_test"])
+    ev, recon = _evaluate(lu, cfg, groups_test)
+    ce = _downstream(lu, cfg, lm, data, mean_train, recon["bin_of"]) if lm is not None else None
     results = {"format": RESULTS_FORMAT, "config": _config(lu, cfg), "probe": lu.probe, "skipped": skipped} | (
         frontier.results_json(lu.meta, ev, recon, ce, topk=lu.names["topk"], adaptivek=_ablated(cfg)))
     results["seconds"] = time.perf_counter() - t_start
@@ -179,19 +189,25 @@ def _check_out(out: str | Path) -> Path:
     return out
 
 
-def _check_xy(X: Tensor, y: Any, name: str) -> tuple[Tensor, Tensor]:
+def _check_xy(X: Tensor, y: Any, name: str, unlabelled: bool) -> tuple[Tensor, Tensor]:
     checks.matrix(X, f"X_{name}")
     y = torch.as_tensor(np.asarray(y, dtype=np.float64)).flatten()
     checks.same_length(y, X, f"y_{name}", f"X_{name}")
-    checks.finite_rows(y, f"y_{name}", "a failed label has no complexity: drop those rows before comparing")
+    if unlabelled:  # NaN marks an unlabelled row (TrainConfig.unlabelled="reconstruct_only")
+        checks.finite_rows(y[~torch.isnan(y)], f"y_{name}", "only NaN may mark an unlabelled row")
+    else:
+        checks.finite_rows(y, f"y_{name}", "a failed label has no complexity: drop those rows before comparing "
+                           "(or, for token rows that should train the SAEs but not the probe, "
+                           "TrainConfig(unlabelled='reconstruct_only'))")
     checks.finite_rows(X, f"X_{name}", "drop those rows before comparing")
     return X.float(), y
 
 
 def _check_groups(groups_train: Any, groups_test: Any, lu: Lineup, folds: int
-                  ) -> tuple[GroupCodes | None, dict[str, int | None]]:
-    """The training rows' document codes and the documents per split (None: no ids given), after checking
-    one id per row, no document in both splits, and enough training documents for the grouped probe."""
+                  ) -> tuple[GroupCodes | None, dict[str, int | None], Tensor | None]:
+    """The training rows' document codes, the documents per split (None: no ids given) and the test rows'
+    document codes, after checking one id per row, no document in both splits, and enough training
+    documents for the grouped probe."""
     codes = {}
     for nm, groups, X in (("train", groups_train, lu.Xtr), ("test", groups_test, lu.Xte)):
         if groups is not None:
@@ -208,30 +224,59 @@ def _check_groups(groups_train: Any, groups_test: Any, lu: Lineup, folds: int
         raise ValueError(f"with groups_train, AdaptiveK's probe uses probe_folds={folds} document-grouped folds "
                          f"and its out-of-fold k needs 3 <= probe_folds <= the {n_docs} training document(s); "
                          f"set TrainConfig(probe_folds=...) in that range or give rows from more documents")
+    test = torch.as_tensor(codes["test"].codes).long() if "test" in codes else None
     return (codes.get("train"), {f"n_documents_{nm}": len(codes[nm].ids) if nm in codes else None
-                                 for nm in ("train", "test")})
+                                 for nm in ("train", "test")}, test)
 
 
-def _prepare(X_train: Tensor, y_train: Any, X_test: Tensor, y_test: Any, cfg: CompareConfig,
-             texts_train: Sequence[str] | None, texts_test: Sequence[str] | None, lm: Any, log: Any
-             ) -> tuple[Lineup, CompareConfig, Tensor]:
+def _inputs(texts_train: Sequence[str] | None, texts_test: Sequence[str] | None, lengths_train: Any,
+            lengths_test: Any, ce_texts: Sequence[str] | None, ce_rows: Any) -> dict[str, Any]:
+    """What the length ablation and the downstream loss use: per-row lengths (given, or the texts' lengths in
+    characters), the downstream texts and the test row spliced in each (given, or one text per test row)."""
+    if (texts_train is not None or texts_test is not None) and (lengths_train is not None or ce_texts is not None):
+        raise ValueError("give per-row texts (texts_train, texts_test) or token-level inputs (lengths_train, "
+                         "lengths_test, ce_texts, ce_rows), not both")
+    if (ce_texts is None) != (ce_rows is None):
+        raise ValueError("ce_texts and ce_rows go together: the texts of the downstream loss and the test row "
+                         "spliced in each")
+    chars = [None if t is None else torch.tensor([len(x) for x in t], dtype=torch.float64)
+             for t in (texts_train, texts_test)]
+    lengths = [chars[i] if lens is None else torch.as_tensor(np.asarray(lens, dtype=np.float64))
+               for i, lens in enumerate((lengths_train, lengths_test))]
+    rows = None if ce_rows is None else torch.as_tensor(np.asarray(ce_rows)).long()
+    if rows is not None and (rows.ndim != 1 or len(rows) != len(ce_texts)):
+        raise ValueError(f"ce_rows must hold one test row per text of ce_texts ({len(ce_texts)}), got shape "
+                         f"{tuple(rows.shape)}")
+    return {"lengths_train": lengths[0], "lengths_test": lengths[1], "texts_train": texts_train,
+            "texts_test": texts_test, "ce_texts": list(ce_texts) if ce_texts is not None else texts_test,
+            "ce_rows": rows, "per_row_texts": ce_texts is None}
+
+
+def _prepare(X_train: Tensor, y_train: Any, X_test: Tensor, y_test: Any, cfg: CompareConfig, data: dict[str, Any],
+             lm: Any, log: Any) -> tuple[Lineup, CompareConfig, Tensor]:
     """Check the data and scale it: the lineup (with the training config every SAE shares), ``cfg`` with
     its numeric scale, and the mean training vector [d] in model units (the mean-ablation baseline)."""
-    (X_train, y_train), (X_test, y_test) = _check_xy(X_train, y_train, "train"), _check_xy(X_test, y_test, "test")
-    checks.matrix(X_test, "X_test", d=X_train.shape[1])
-    if len(X_test) < 2:
-        raise ValueError("X_test needs at least 2 rows (FVE is undefined on one vector)")
-    for nm, texts, X in (("train", texts_train, X_train), ("test", texts_test, X_test)):
-        if texts is not None:
-            checks.same_length(texts, X, f"texts_{nm}", f"X_{nm}")
-    if lm is not None and (cfg.layer is None or texts_test is None):
-        raise ValueError("the downstream loss needs lm, cfg.layer and texts_test together")
-    if cfg.scale == "auto":
-        cfg = replace(cfg, scale=float((X_train.shape[1] / X_train.double().pow(2).sum(1).mean()).sqrt()))
-    cfg, scale = replace(cfg, scale=float(cfg.scale)), float(cfg.scale)
     train = replace(cfg.train_cfg or TrainConfig(), seed=cfg.seed,
                     **({"steps": cfg.steps} if cfg.steps is not None else {}),
                     **({"batch_size": cfg.batch_size} if cfg.batch_size is not None else {}))
+    unl = train.unlabelled == "reconstruct_only"
+    (X_train, y_train), (X_test, y_test) = (_check_xy(X_train, y_train, "train", unl),
+                                            _check_xy(X_test, y_test, "test", unl))
+    checks.matrix(X_test, "X_test", d=X_train.shape[1])
+    if len(X_test) < 2:
+        raise ValueError("X_test needs at least 2 rows (FVE is undefined on one vector)")
+    for nm, X in (("train", X_train), ("test", X_test)):
+        for what in ("texts", "lengths"):
+            if data[f"{what}_{nm}"] is not None:
+                checks.same_length(data[f"{what}_{nm}"], X, f"{what}_{nm}", f"X_{nm}")
+    if data["ce_rows"] is not None and len(data["ce_rows"]) and not 0 <= int(data["ce_rows"].min()) <= int(
+            data["ce_rows"].max()) < len(X_test):
+        raise ValueError(f"ce_rows must index rows of X_test (0..{len(X_test) - 1})")
+    if lm is not None and (cfg.layer is None or data["ce_texts"] is None):
+        raise ValueError("the downstream loss needs lm, cfg.layer and texts_test (or ce_texts) together")
+    if cfg.scale == "auto":
+        cfg = replace(cfg, scale=float((X_train.shape[1] / X_train.double().pow(2).sum(1).mean()).sqrt()))
+    cfg, scale = replace(cfg, scale=float(cfg.scale)), float(cfg.scale)
     lu = Lineup(X_train * scale, X_test * scale, y_train, y_test, train, cfg.d_sae, cfg.seed,
                 torch.device(cfg.device or "cpu"), cfg.progress, log or (lambda *_: None))
     return lu, cfg, X_train.mean(0)
@@ -242,8 +287,10 @@ def _ablated(cfg: CompareConfig) -> str:
     return "adaptivek_{}_{}".format(*cfg.ablation)
 
 
-def _evaluate(lu: Lineup, cfg: CompareConfig) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """Every SAE on the held-out vectors; the distances from the TopK frontier, overall and per bin."""
+def _evaluate(lu: Lineup, cfg: CompareConfig, groups_test: Tensor | None
+              ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Every SAE on the held-out vectors; the distances from the TopK frontier, overall and per bin
+    (bootstrap over test documents when their ids are given)."""
     lu.say("evaluating on held-out vectors")
     ev = {name: evaluate(sae, lu.Xte, batch_size=cfg.eval_batch_size, k=lu.eval_k[name], per_row=True)
           for name, sae in lu.saes.items()}
@@ -251,22 +298,33 @@ def _evaluate(lu: Lineup, cfg: CompareConfig) -> tuple[dict[str, dict[str, Any]]
                    "l0": e["l0"].double()} for name, e in ev.items()}
     recon = frontier.analyse_reconstruction(
         rows, lu.Xte, lu.y_test, topk=lu.names["topk"], points=lu.points, n_boot=cfg.n_boot, seed=cfg.seed,
-        ablations=(_ablated(cfg), lu.names["ablation"]), n_bins=cfg.n_bins, log=cfg.interp == "log")
+        ablations=(_ablated(cfg), lu.names["ablation"]), n_bins=cfg.n_bins, log=cfg.interp == "log",
+        groups=groups_test)
     return ev, recon | {"rows": rows}
 
 
-def _downstream(lu: Lineup, cfg: CompareConfig, lm: Any, texts_test: Sequence[str], mean_train: Tensor,
+def _downstream(lu: Lineup, cfg: CompareConfig, lm: Any, data: dict[str, Any], mean_train: Tensor,
                 bin_of: Tensor) -> dict[str, Any]:
-    """Next-token CE with each SAE spliced in, on the first ``n_ce`` test texts, with paired intervals."""
-    t0, n = time.perf_counter(), min(cfg.n_ce, len(texts_test))
-    lu.say(f"downstream loss on {n} held-out texts ({len(lu.saes)} SAEs)")
-    ce = downstream_losses(lm, lu.saes, list(texts_test[:n]), cfg.layer, max_length=cfg.max_length,
+    """Next-token CE with each SAE spliced in, on the first ``n_ce`` downstream texts, with paired intervals.
+    Per-row k (the ablations) follows the spliced test row; with token-level inputs only SAEs that set their
+    own k (or a batch rule) run, since an ablation's k belongs to a test row, not to a new prefix."""
+    texts, n = data["ce_texts"], min(cfg.n_ce, len(data["ce_texts"]))
+    rows = data["ce_rows"][:n] if data["ce_rows"] is not None else torch.arange(n)
+    t0 = time.perf_counter()
+    saes = {nm: s for nm, s in lu.saes.items() if data["per_row_texts"] or lu.eval_k[nm] is None or nm in lu.ce_k}
+    lu.say(f"downstream loss on {n} held-out texts ({len(saes)} SAEs)")
+    ce = downstream_losses(lm, saes, list(texts[:n]), cfg.layer, max_length=cfg.max_length,
                            batch_size=cfg.ce_batch_size, scale=cfg.scale, mean=mean_train, progress=cfg.progress,
-                           k={nm: kk[:n] for nm, kk in lu.eval_k.items() if kk is not None} | lu.ce_k)
-    out = frontier.analyse_downstream(ce, lu.y_test[:n], bin_of[:n], topk=lu.names["topk"], points=lu.points,
-                                      ablations=(_ablated(cfg), lu.names["ablation"]), n_boot=cfg.n_boot,
+                           k={nm: kk[rows] for nm, kk in lu.eval_k.items() if kk is not None and nm in saes}
+                           | {nm: f for nm, f in lu.ce_k.items() if nm in saes})
+    ablations = [a for a in lu.names["ablation"] if a in saes]
+    out = frontier.analyse_downstream(ce, lu.y_test[rows], bin_of[rows], topk=lu.names["topk"],
+                                      points=[p for p in lu.points if p in saes],
+                                      ablations=(_ablated(cfg), ablations), n_boot=cfg.n_boot,
                                       seed=cfg.seed + 1, n_bins=cfg.n_bins, log=cfg.interp == "log")
     out["block"]["seconds"] = time.perf_counter() - t0
+    if len(saes) < len(lu.saes):
+        out["block"]["not_run"] = {nm: "k tied to test rows (token-level inputs)" for nm in lu.saes if nm not in saes}
     return out
 
 
@@ -276,7 +334,9 @@ def _config(lu: Lineup, cfg: CompareConfig) -> dict[str, Any]:
             "k_ranges": [list(r) for r in cfg.k_ranges], "ablation_range": list(cfg.ablation), "seed": cfg.seed,
             "scale": cfg.scale, "n_train": len(lu.Xtr), "n_test": len(lu.Xte), "n_boot": cfg.n_boot,
             "n_bins": cfg.n_bins, "interp": cfg.interp, "layer": cfg.layer, "max_length": cfg.max_length,
-            "train": asdict(lu.train), "device": str(lu.device)} | lu.documents
+            "train": asdict(lu.train), "device": str(lu.device),
+            "n_unlabelled_train": int(lu.y_train.isnan().sum()), "n_unlabelled_test": int(lu.y_test.isnan().sum())
+            } | lu.documents
 
 
 def load_results(path: str | Path) -> dict[str, Any]:

@@ -100,7 +100,8 @@ def evaluate(sae: Encoder, X: Tensor, *, batch_size: int = 4096, k: int | Tensor
             (float64 CPU tensors), which is what bootstrap CIs resample.
 
     Returns a dict: ``mse`` (per element), ``fve``, ``fvu``, ``cosine``, ``l2_ratio``, ``l0_mean``,
-    ``l0_std``, ``l0`` (int64 tensor [n]), ``dead_frac``, ``ever_fired_frac``, ``n``, ``d_in``, ``d_sae``.
+    ``l0_std``, ``l0`` (int64 tensor [n]), ``dead_frac`` (latents that never fire on X), ``ever_fired_frac``,
+    ``firing_freq`` (float64 [d_sae]: the share of rows each latent fires on), ``n``, ``d_in``, ``d_sae``.
     """
     n, d = matrix(X, "X").shape
     if n < 2:
@@ -118,8 +119,9 @@ def evaluate(sae: Encoder, X: Tensor, *, batch_size: int = 4096, k: int | Tensor
     out: dict[str, Any] = {
         "mse": float(sse / (n * d)), "fve": fve, "fvu": 1 - fve, "cosine": float(cos_all.mean()),
         "l2_ratio": float(ratio_all.mean()), "l0_mean": float(l0.double().mean()),
-        "l0_std": float(l0.double().std()), "l0": l0, "dead_frac": float(1 - fired.double().mean()),
-        "ever_fired_frac": float(fired.double().mean()), "n": n, "d_in": d, "d_sae": int(fired.numel())}
+        "l0_std": float(l0.double().std()), "l0": l0, "dead_frac": float((fired == 0).double().mean()),
+        "ever_fired_frac": float((fired > 0).double().mean()), "firing_freq": fired.double() / n, "n": n, "d_in": d,
+        "d_sae": int(fired.numel())}
     if per_row:
         out |= {"row_sq_err": torch.cat(rows["sq_err"]), "row_cosine": cos_all, "row_l2_ratio": ratio_all}
     return out
@@ -127,7 +129,7 @@ def evaluate(sae: Encoder, X: Tensor, *, batch_size: int = 4096, k: int | Tensor
 
 def _stream(sae: Encoder, X: Tensor, k: Any, batch_size: int
             ) -> tuple[Tensor, Tensor, dict[str, list[Tensor]], Tensor]:
-    """One pass over ``X`` in batches: ``(Σ‖x - x̂‖², Σ‖x - x̄‖², per-row parts, latents that fired [d_sae])``.
+    """One pass over ``X`` in batches: ``(Σ‖x - x̂‖², Σ‖x - x̄‖², per-row parts, rows each latent fired on [d_sae])``.
 
     ``Σ‖x - x̄‖²`` merges per-batch means and sums of squares (Chan et al.) in float64, so a large common
     offset does not cancel; the per-row parts are lists of per-batch ``sq_err``, ``cosine``, ``l2_ratio``
@@ -157,7 +159,7 @@ def _stream(sae: Encoder, X: Tensor, k: Any, batch_size: int
         rows["sq_err"].append(err)
         active = codes != 0  # [B, d_sae]
         rows["l0"].append(active.sum(1).cpu())
-        fired = active.any(0).cpu() if fired is None else fired | active.any(0).cpu()
+        fired = active.sum(0).cpu() if fired is None else fired + active.sum(0).cpu()  # [d_sae] int64
     return sse, m2, rows, fired
 
 

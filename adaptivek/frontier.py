@@ -29,9 +29,19 @@ CE = ["ce", "frac_recovered"]  # downstream-loss metrics compared with the front
 HIGHER_BETTER = {"fve": True, "cosine": True, "mse": False, "ce": False, "frac_recovered": True}
 
 
-def replicate_weights(n: int, n_boot: int, seed: int) -> Tensor:
-    """Row weights ``[1 + n_boot, n]`` float64: the full data (ones), then ``n_boot`` bootstrap resamples."""
-    return torch.cat([torch.ones(1, n, dtype=torch.float64), bootstrap_counts(n, n_boot, seed)])
+def replicate_weights(n: int, n_boot: int, seed: int, groups: Tensor | None = None) -> Tensor:
+    """Row weights ``[1 + n_boot, n]`` float64: the full data (ones), then ``n_boot`` bootstrap resamples.
+
+    ``groups`` [n] (int64 codes ``0..G-1``, e.g. each token's document): resample whole groups, every row
+    weighted by how often its group was drawn. Tokens of one text are not independent, so a row bootstrap
+    would give intervals that are too narrow."""
+    if groups is None:
+        return torch.cat([torch.ones(1, n, dtype=torch.float64), bootstrap_counts(n, n_boot, seed)])
+    groups = torch.as_tensor(groups).long()
+    if groups.shape != (n,):
+        raise ValueError(f"groups must hold one code per row ({n}), got shape {tuple(groups.shape)}")
+    counts = bootstrap_counts(int(groups.max()) + 1, n_boot, seed)  # [n_boot, G]
+    return torch.cat([torch.ones(1, n, dtype=torch.float64), counts[:, groups]])
 
 
 def recon_stats(W: Tensor, rows: Mapping[str, Tensor], Xc: Tensor) -> dict[str, Tensor]:
@@ -80,9 +90,12 @@ def vs_frontier(stats: Stats, topk: Sequence[str], name: str, metric: str, *, lo
 
 
 def complexity_bins(y: Tensor, n_bins: int) -> tuple[list[float], Tensor]:
-    """Quantile bin edges of the labels ``y [n]`` (``n_bins + 1`` values) and each row's bin [n] (int64)."""
-    edges = torch.quantile(y, torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)).tolist()
-    return edges, torch.bucketize(y, torch.tensor(edges[1:-1], dtype=torch.float64), right=True)
+    """Quantile bin edges of the labels ``y [n]`` (``n_bins + 1`` values) and each row's bin [n] (int64);
+    an unlabelled row (NaN) is in bin -1, in no bin's statistics, and the edges come from the labelled rows."""
+    lab = ~torch.isnan(y)
+    edges = torch.quantile(y[lab].double(), torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)).tolist()
+    bin_of = torch.bucketize(y.double(), torch.tensor(edges[1:-1], dtype=torch.float64), right=True)
+    return edges, torch.where(lab, bin_of, -1)
 
 
 def bin_entry(b: int, sel: Tensor, *, rows: Mapping[str, Mapping[str, Tensor]], stats: Stats, W: Tensor,
@@ -108,7 +121,7 @@ def bin_entry(b: int, sel: Tensor, *, rows: Mapping[str, Mapping[str, Tensor]], 
 
 def analyse_reconstruction(rows: Rows, X: Tensor, y: Tensor, *, topk: Sequence[str], points: Sequence[str],
                            ablations: tuple[str, Sequence[str]], n_boot: int, seed: int, n_bins: int,
-                           log: bool = True) -> dict[str, Any]:
+                           log: bool = True, groups: Tensor | None = None) -> dict[str, Any]:
     """Every statistic of the held-out reconstructions, from :func:`~adaptivek.evaluation.evaluate`'s rows.
 
     ``rows``: per SAE ``sq_err``, ``cosine``, ``l2_ratio``, ``l0`` [n]; ``X [n, d]``, ``y [n]``: the
@@ -116,9 +129,10 @@ def analyse_reconstruction(rows: Rows, X: Tensor, y: Tensor, *, topk: Sequence[s
     ``ablations``: ``(adaptivek, [ablation names])``, compared directly (same k values, paired rows).
     Returns ``stats``, ``vs_topk`` (point -> metric -> :func:`vs_frontier`), ``minus`` (ablation ->
     metric -> :func:`summary` of AdaptiveK minus it), ``by_complexity`` (``edges`` and one
-    :func:`bin_entry` per bin) and ``bin_of`` (each row's bin [n]).
+    :func:`bin_entry` per bin) and ``bin_of`` (each row's bin [n]; -1: unlabelled). ``groups``: each row's
+    document code, to resample documents instead of rows (:func:`replicate_weights`).
     """
-    W = replicate_weights(len(X), n_boot, seed)
+    W = replicate_weights(len(X), n_boot, seed, groups)
     stats = {name: recon_stats(W, r, X.double() - X.double().mean(0)) for name, r in rows.items()}
     ada, abl = ablations
     edges, bin_of = complexity_bins(y, n_bins)
@@ -144,7 +158,7 @@ def analyse_downstream(ce: Mapping[str, Any], y: Tensor, bin_of: Tensor, *, topk
                "saes": {nm: float(r["ce"][bin_of == b].mean()) for nm, r in rows.items()}}
               for b in range(n_bins) if int((bin_of == b).sum()) > 0]
     block = {"n": ce["n"], "ce_clean": ce["ce_clean"], "ce_ablate": ce["ce_ablate"], "by_bin": by_bin,
-             "mean_ablation": "mean training activation (model units)", "label_mean": float(y.mean()),
+             "mean_ablation": "mean training activation (model units)", "label_mean": float(y.nanmean()),
              "position": "splice at the second-to-last real token, score the last real token"}
     saes = {name: {m: s[m] for m in ("ce_sae", "delta_ce", "frac_recovered", "l0_mean")}
             | {"ci": {m: summary(stats[name][m]) for m in CE}} for name, s in ce["saes"].items()}
@@ -174,7 +188,7 @@ def results_json(meta: Mapping[str, dict[str, Any]], ev: Mapping[str, Mapping[st
     """
     ce, stats = downstream or {}, recon["stats"]
     q = torch.tensor([0, 0.1, 0.5, 0.9, 1], dtype=torch.float64)
-    saes = {name: meta[name] | ({"ce": ce["saes"][name]} if ce else {}) | {
+    saes = {name: meta[name] | ({"ce": ce["saes"][name]} if ce and name in ce["saes"] else {}) | {
         "metrics": {m: e[m] for m in ("mse", "fve", "cosine", "l2_ratio", "l0_mean", "l0_std", "dead_frac",
                                       "ever_fired_frac", "n")},
         "ci": {m: summary(stats[name][m]) for m in ("fve", "cosine", "mse", "l0")},

@@ -22,6 +22,7 @@ import json
 import math
 import mmap
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -43,10 +44,13 @@ def cache_root() -> Path:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    The temporary name is ``.NAME.<pid>-<random>.partial<suffix>``: the writer's process id tells a
+    cleanup which half-written files belong to a run that is still going (:func:`writer_alive`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".partial{suffix}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=f".partial{suffix}", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     mode = 0o666 & ~_umask()
@@ -58,6 +62,21 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def writer_alive(partial: str | os.PathLike) -> bool:
+    """Whether the process that is writing ``partial`` (an :func:`atomic_path` name) still runs on this
+    machine. A name without a process id (an older run's) counts as abandoned."""
+    m = re.search(r"\.(\d+)-[^.]*\.partial", Path(partial).name)
+    if m is None:
+        return False
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
 
 
 @contextlib.contextmanager

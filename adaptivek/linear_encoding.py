@@ -31,7 +31,17 @@ import torch
 
 from .checks import finite_rows, int_at_least, real_tensor
 from .probe import _NOT_FINITE, LAMBDAS, RidgeProbe, _check_xy, fit_many
-from .stats import bootstrap_ci, group_split, ordered_share, pearson, r2, rmse, spearman, split_indices
+from .stats import (
+    bootstrap_ci,
+    group_bootstrap_metrics,
+    group_split,
+    ordered_share,
+    pearson,
+    r2,
+    rmse,
+    spearman,
+    split_indices,
+)
 
 METRICS = {"rmse": rmse, "pearson": pearson, "spearman": spearman, "r2": r2}
 
@@ -369,3 +379,112 @@ def onestop_transfer(probe: Any, acts: Any, levels: Any, topics: Sequence[Any], 
             "pairwise_share": float(pairs.mean()) if len(full) else math.nan,
             "n_topics": len(full), "n": len(pred),
             "mean_by_level": df.groupby("level")["pred"].mean().reindex([0, 1, 2]).tolist()}
+
+
+# ----------------------------------------------------------------------------- token-level probe, scores by group
+SCORE_COLUMNS = ["n", "n_documents", "pearson", "pearson_lo", "pearson_hi", "r2", "r2_lo", "r2_hi",
+                 "rmse", "rmse_lo", "rmse_hi"]  # document_scores' keys, in order
+
+
+def document_scores(pred: Any, y: Any, documents: Sequence[Any], *, n_boot: int = 1000, seed: int = 0,
+                    alpha: float = 0.05) -> dict[str, Any]:
+    """``pearson``, ``r2`` and ``rmse`` with ``_lo``/``_hi`` CIs that resample documents, ``n``, ``n_documents``.
+
+    The tokens (or contexts) of one document are not independent: the bootstrap draws whole documents
+    (:func:`~adaptivek.stats.group_bootstrap_metrics`). With a single document the CIs are NaN.
+    """
+    p, t = real_tensor(pred, "pred").cpu().flatten(), real_tensor(y, "y").cpu().flatten()
+    docs = np.asarray(documents, dtype=object)
+    if not (len(p) == len(t) == len(docs)):
+        raise ValueError(f"pred, y and documents have different lengths: {len(p)}, {len(t)}, {len(docs)}; "
+                         f"pass one document id per row")
+    n_docs = len(set(docs.tolist()))
+    if n_docs >= 2:
+        cis = group_bootstrap_metrics(p, t, groups=docs, n_boot=n_boot, seed=seed, alpha=alpha)
+    else:
+        cis = {k: (float(fn(p, t)), math.nan, math.nan) for k, fn in (("pearson", pearson), ("r2", r2), ("rmse", rmse))}
+    out: dict[str, Any] = {"n": len(t), "n_documents": n_docs}
+    for name, (est, lo, hi) in cis.items():
+        out.update({name: est, f"{name}_lo": lo, f"{name}_hi": hi})
+    return out
+
+
+def grouped_scores(pred: Any, y: Any, by: Sequence[Any], documents: Sequence[Any], *, min_n: int = 2,
+                   n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """:func:`document_scores` within each value of ``by`` (a source, a position bucket), one row per value.
+
+    Values with fewer than ``min_n`` rows are left out, and so are rows whose ``by`` is missing (None,
+    NaN). Index: the values of ``by`` in sorted order, or in category order for a ``pd.Categorical``
+    (e.g. :func:`position_buckets`).
+    """
+    int_at_least(min_n, "min_n", 2, why="a correlation needs two rows")
+    p, t = real_tensor(pred, "pred").cpu().flatten(), real_tensor(y, "y").cpu().flatten()
+    key = pd.Series(by) if isinstance(by, pd.Categorical) else pd.Series(np.asarray(by, dtype=object))
+    docs = np.asarray(documents, dtype=object)
+    if not (len(p) == len(t) == len(key) == len(docs)):
+        raise ValueError(f"pred, y, by and documents have different lengths: {len(p)}, {len(t)}, {len(key)}, "
+                         f"{len(docs)}; pass one value of each per row")
+    sizes = key.value_counts()
+    values = list(key.cat.categories) if isinstance(key.dtype, pd.CategoricalDtype) else sorted(sizes.index)
+    rows = {}
+    for value in (v for v in values if sizes.get(v, 0) >= min_n):  # a loop over groups, not rows
+        sel = torch.as_tensor((key == value).to_numpy(dtype=bool, copy=True))  # [n] (a writable copy)
+        rows[value] = document_scores(p[sel], t[sel], docs[sel.numpy()], n_boot=n_boot, seed=seed)
+    return pd.DataFrame.from_dict(rows, orient="index", columns=SCORE_COLUMNS)
+
+
+def position_buckets(position: Any, edges: Sequence[int]) -> pd.Categorical:
+    """Bucket ``"a-b"`` of each token's position, for ``[edges[i], edges[i + 1])``; missing outside all of them.
+
+    An ordered ``pd.Categorical`` [n] whose categories are the buckets from first to last, so that
+    :func:`grouped_scores` lists them in position order.
+    """
+    pos = np.asarray(position, dtype=np.int64)
+    e = np.asarray(list(edges), dtype=np.int64)
+    if e.ndim != 1 or len(e) < 2 or (np.diff(e) <= 0).any():
+        raise ValueError(f"edges must be >= 2 increasing positions, e.g. (15, 32, 64, 128), got {list(edges)}")
+    names = [f"{a}-{b - 1}" for a, b in zip(e[:-1], e[1:], strict=True)]
+    j = np.searchsorted(e, pos, side="right") - 1  # [n] bucket of each position (-1: before the first edge)
+    codes = np.where((j >= 0) & (j < len(names)), j, -1)  # -1: missing
+    return pd.Categorical.from_codes(codes, categories=names, ordered=True)
+
+
+def within_source_scores(pred: Any, y: Any, sources: Sequence[Any], documents: Sequence[Any], *, train_pred: Any,
+                         train_y: Any, train_sources: Sequence[Any], min_n: int = 20, n_boot: int = 1000,
+                         seed: int = 0) -> pd.DataFrame:
+    """Does a probe track complexity within a source, or mostly which source a text comes from?
+
+    Held-out ``pred`` and labels ``y`` with each row's ``sources`` and ``documents``; the training split's
+    predictions, labels and sources give the source means (never the test split). Rows of the table
+    (:func:`document_scores` columns, CIs resampling documents):
+
+    - ``pooled``: all held-out rows;
+    - one row per source with at least ``min_n`` held-out rows: the probe within that source;
+    - ``pooled, source means removed``: labels minus their source's training mean label, predictions
+      minus their source's training mean prediction; what is left is within-source variation only;
+    - ``source's training mean alone``: the training mean label of each row's source as the prediction,
+      the best a predictor that only knows the source can do.
+
+    Held-out rows of a source with no training rows are left out of the last two rows (see ``n``).
+    """
+    p, t = real_tensor(pred, "pred").cpu().flatten(), real_tensor(y, "y").cpu().flatten()
+    src, docs = np.asarray(sources, dtype=object), np.asarray(documents, dtype=object)
+    tp, ty = real_tensor(train_pred, "train_pred").cpu().flatten(), real_tensor(train_y, "train_y").cpu().flatten()
+    tsrc = np.asarray(train_sources, dtype=object)
+    if not (len(p) == len(t) == len(src) == len(docs)) or not (len(tp) == len(ty) == len(tsrc)):
+        raise ValueError(f"held-out pred, y, sources, documents ({len(p)}, {len(t)}, {len(src)}, {len(docs)}) and "
+                         f"training pred, y, sources ({len(tp)}, {len(ty)}, {len(tsrc)}) must each have one entry per row")
+    means = pd.DataFrame({"pred": tp.numpy(), "y": ty.numpy(), "source": tsrc}).groupby("source")[["pred", "y"]].mean()
+    known = np.isin(src, means.index.to_numpy())
+    m = means.reindex(src[known])  # [n_known, 2] training means of each held-out row's source
+    m_pred, m_y = (torch.tensor(m[c].to_numpy(dtype=np.float64)) for c in ("pred", "y"))  # [n_known] each
+    pk, tk, dk = p[known], t[known], docs[known]
+    kw = dict(n_boot=n_boot, seed=seed)
+    rows = {"pooled": document_scores(p, t, docs, **kw)}
+    rows |= grouped_scores(p, t, src, docs, min_n=min_n, **kw).to_dict(orient="index")
+    rows["pooled, source means removed"] = document_scores(pk - m_pred, tk - m_y, dk, **kw)
+    rows["source's training mean alone"] = document_scores(m_y, tk, dk, **kw)
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "held-out rows"
+    return table
+

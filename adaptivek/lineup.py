@@ -96,17 +96,21 @@ def fit_phase1_probe(lineup: Lineup) -> RidgeProbe:
     so AdaptiveK would train with a wider, more label-aligned k than it is tested with.
     """
     lu, tc, grouped = lineup, lineup.train, lineup.groups_train is not None
-    probe = RidgeProbe.fit(lu.Xtr, lu.y_train, lambdas=tc.probe_lambdas, folds=tc.probe_folds, seed=lu.seed,
-                           groups=lu.groups_train, extend_grid=grouped)
+    lab, lab_te = ~lu.y_train.isnan(), ~lu.y_test.isnan()  # unlabelled token rows never fit or score the probe
+    groups = lu.groups_train.codes[lab] if grouped else None
+    probe = RidgeProbe.fit(lu.Xtr[lab], lu.y_train[lab], lambdas=tc.probe_lambdas, folds=tc.probe_folds,
+                           seed=lu.seed, groups=groups, extend_grid=grouped)
     lu.probe = {"lambda": probe.lambda_, "lambda_at_edge": probe.lambda_at_edge,
                 "grid_extensions": probe.grid_extensions, "k_train_source": "out_of_fold" if grouped else "in_sample",
-                "train": probe.evaluate(lu.Xtr, lu.y_train),  # in-sample
-                "test": probe.evaluate(lu.Xte, lu.y_test)}
+                "train": probe.evaluate(lu.Xtr[lab], lu.y_train[lab]),  # in-sample
+                "test": probe.evaluate(lu.Xte[lab_te], lu.y_test[lab_te]),
+                "n_labelled_train": int(lab.sum()), "n_labelled_test": int(lab_te.sum())}
     lu.pred_train = probe.predict(lu.Xtr).float()
     if grouped:
         lu.pred_train = out_of_fold_predict(lu.Xtr, lu.y_train, groups=lu.groups_train, folds=tc.probe_folds,
-                                            lambdas=tc.probe_lambdas, seed=lu.seed, extend_grid=True).float()
-        lu.probe["train_out_of_fold"] = regression_metrics(lu.pred_train.double(), lu.y_train)
+                                            lambdas=tc.probe_lambdas, seed=lu.seed, extend_grid=True,
+                                            unlabelled="predict" if not bool(lab.all()) else "error").float()
+        lu.probe["train_out_of_fold"] = regression_metrics(lu.pred_train[lab].double(), lu.y_train[lab])
     return probe
 
 
@@ -126,8 +130,10 @@ def train_adaptivek(lineup: Lineup, k_ranges: Sequence[tuple[int, int]]) -> list
                      k_range=[lo, hi], k_train_source=lu.probe["k_train_source"],
                      k_train_mean=float(k_tr.float().mean()), k_train_min=int(k_tr.min()), k_train_max=int(k_tr.max()))
         k_te = sae.k_from_complexity(sae.probe.predict(lu.Xte).float())
+        lab = ~lu.y_test.isnan()
         lu.meta[name] |= {"k_test_mean": float(k_te.float().mean()), "k_test_min": int(k_te.min()),
-                          "k_test_max": int(k_te.max()), "probe_test_after_training": sae.probe.evaluate(lu.Xte, lu.y_test)}
+                          "k_test_max": int(k_te.max()),
+                          "probe_test_after_training": sae.probe.evaluate(lu.Xte[lab], lu.y_test[lab])}
         names.append(name)
     return names
 
@@ -153,10 +159,11 @@ def train_batchtopk(lineup: Lineup, matched_to: Sequence[str]) -> list[str]:
     return names
 
 
-def train_ablations(lineup: Lineup, adaptivek: str, texts_train: Sequence[str] | None = None,
-                    texts_test: Sequence[str] | None = None) -> dict[str, str]:
+def train_ablations(lineup: Lineup, adaptivek: str, lengths_train: Tensor | None = None,
+                    lengths_test: Tensor | None = None) -> dict[str, str]:
     """TopK SAEs trained and evaluated with exactly ``adaptivek``'s k values per row, reassigned:
-    ``shuffled_k`` at random, ``length_k`` by text length in characters (needs both text lists).
+    ``shuffled_k`` at random, ``length_k`` by how much each row has read (``lengths_*`` [n]: a text's
+    characters for last-token rows, a token's position + 1 for token rows; needs both).
     Returns the ablations skipped, with why."""
     ada = lineup.saes[adaptivek]
     k_tr = lineup.k_train[adaptivek]  # the k values AdaptiveK trained with (in-sample or out-of-fold)
@@ -165,12 +172,12 @@ def train_ablations(lineup: Lineup, adaptivek: str, texts_train: Sequence[str] |
     perm_tr, perm_te = torch.randperm(len(k_tr), generator=g), torch.randperm(len(k_te), generator=g)
     ablations = {"shuffled_k": (k_tr[perm_tr], k_te[perm_te], "AdaptiveK's k, randomly permuted across rows")}
     skipped = {}
-    if texts_train is not None and texts_test is not None:
-        chars = [torch.tensor([len(t) for t in texts], dtype=torch.float64) for texts in (texts_train, texts_test)]
-        ablations["length_k"] = (rank_match(chars[0], k_tr), rank_match(chars[1], k_te),
-                                 "AdaptiveK's k values reassigned by text length in characters (longest, largest)")
+    if lengths_train is not None and lengths_test is not None:
+        ablations["length_k"] = (rank_match(lengths_train, k_tr), rank_match(lengths_test, k_te),
+                                 "AdaptiveK's k values reassigned by the length of what each row has read "
+                                 "(longest, largest)")
     else:
-        skipped["length_k"] = "no texts given"
+        skipped["length_k"] = "no texts or lengths given"
     names = lineup.names.setdefault("ablation", [])
     for name, (ktr, kte, what) in ablations.items():
         lineup.add(name, TopKSAE(lineup.Xtr.shape[1], lineup.d_sae, int(ktr.max()), seed=lineup.seed), k_rows=ktr,

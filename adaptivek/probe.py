@@ -34,12 +34,12 @@ import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
 
-from .checks import finite_rows, integer, real_tensor
+from .checks import finite_rows, integer, one_of, real_tensor
 from .io import save_tensors, write_json
 from .stats import regression_metrics, validation_folds
 
@@ -547,7 +547,7 @@ def fit_many(X: Any, Y: Any, *, lambdas: Sequence[float] = LAMBDAS, folds: int |
 
 def out_of_fold_predict(X: Any, y: Any, *, groups: Any, folds: int | Sequence = 5,
                         lambdas: Sequence[float] = LAMBDAS, seed: int = 0, extend_grid: bool = True,
-                        standardize: bool = False) -> torch.Tensor:
+                        standardize: bool = False, unlabelled: Literal["error", "predict"] = "error") -> torch.Tensor:
     """Out-of-fold ridge predictions [n]: row i is predicted by a probe that never saw its fold.
 
     What AdaptiveK's training k should come from: in-sample predictions are closer to the labels than
@@ -560,8 +560,31 @@ def out_of_fold_predict(X: Any, y: Any, *, groups: Any, folds: int | Sequence = 
     would let that label reach row i's prediction; here it cannot (a test changes one label and checks).
     The cost stays one pass over the rows for large inputs: every part is decomposed from per-fold sums.
     Predictions are clamped to each training part's label range; float64 X gives float64, else float32.
+
+    ``unlabelled="predict"``: rows whose label is NaN (e.g. tokens before the first scored prefix) are
+    never fitted, but are predicted by the probe of their own fold, so every row of an SAE's training set
+    gets an out-of-fold k. The default refuses NaN labels.
     """
     dtype = torch.float64 if getattr(X, "dtype", None) in (torch.float64, np.float64) else torch.float32
+    one_of(unlabelled, "unlabelled", ("error", "predict"))
+    val_all = None
+    if unlabelled == "predict":
+        y_all = real_tensor(y, "y").flatten()
+        labelled = ~torch.isnan(y_all)
+        if int(labelled.sum()) < 2:
+            raise ValueError(f"only {int(labelled.sum())} of {len(y_all)} rows have a label; the probe needs at least 2")
+        X_all = X.detach() if isinstance(X, torch.Tensor) and X.is_floating_point() else real_tensor(X, "X")
+        if X_all.ndim != 2 or len(X_all) != len(y_all):
+            raise ValueError(f"X must be [n, d] with one row per label ({len(y_all)}), got {tuple(X_all.shape)}")
+        finite_rows(X_all, "X", _NOT_FINITE)
+        val_all = validation_folds(folds, len(y_all), seed, groups=groups)
+        lab_idx = labelled.nonzero().flatten()
+        new_index = torch.full((len(y_all),), -1, dtype=torch.long)
+        new_index[lab_idx] = torch.arange(len(lab_idx))
+        folds = [new_index[v][labelled[v]] for v in val_all]  # each fold's labelled rows, renumbered
+        if any(len(f) == 0 for f in folds):
+            raise ValueError("a fold has no labelled row; use fewer folds or label more rows")
+        X, y, groups = X_all[lab_idx], y_all[lab_idx], None
     X, y = _check_xy(X, y)
     lam = _check_lambdas(lambdas).to(X.device)
     val_sets = validation_folds(folds, len(y), seed, groups=groups)
@@ -573,11 +596,16 @@ def out_of_fold_predict(X: Any, y: Any, *, groups: Any, folds: int | Sequence = 
         raise ValueError(f"the folds must partition the rows (each row in exactly one fold): "
                          f"{int((counts == 0).sum())} rows in none, {int((counts > 1).sum())} in several")
     parts = _Parts(X, y[:, None], val_sets, standardize, gram_first=True)  # F(F+1)/2 parts from one pass
-    pred = torch.empty(len(y), dtype=torch.float64, device=X.device)
+    pred = torch.empty(len(y) if val_all is None else len(X_all), dtype=torch.float64, device=X.device)
     for f, val in enumerate(parts.val_sets):
         c = _choose(parts, lam, bool(extend_grid), outer=frozenset({f}))
         fac = parts.factors(frozenset({f}))
-        pred[val] = parts.predict(val, *_weights(fac, c.lambdas[c.best:c.best + 1]), fac)[:, 0, 0]
+        W, b = _weights(fac, c.lambdas[c.best:c.best + 1])
+        if val_all is None:
+            pred[val] = parts.predict(val, W, b, fac)[:, 0, 0]
+        else:  # every row of the fold, labelled or not
+            for rows, x in _rows64(X_all, val_all[f]):
+                pred[rows] = _predict_rows(x.to(X.device), W, b, fac)[:, 0, 0]
     return pred.to(dtype)
 
 

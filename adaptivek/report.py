@@ -835,9 +835,12 @@ def bin_summary(results: dict[str, Any], name: str | None = None) -> dict[str, s
 
 
 def downstream_table(results: dict[str, Any]) -> pd.DataFrame:
-    """Per SAE: mean L0 at the spliced positions, CE, ΔCE vs the clean model and the loss recovered."""
+    """Per SAE with a downstream loss: mean L0 at the spliced positions, CE, ΔCE vs the clean model and the
+    loss recovered (SAEs without one, e.g. the ablations on token rows, are left out)."""
     rows = []
     for name, s in results["saes"].items():
+        if "ce" not in s:
+            continue
         ce, ci = s["ce"], s["ce"]["ci"]["frac_recovered"]
         rows.append({"SAE": sae_label(name, s), "mean L0 (at these positions)": round(ce["l0_mean"], 1),
                      "CE (nats)": round(ce["ce_sae"], 3), "ΔCE vs clean": round(ce["delta_ce"], 3),
@@ -970,3 +973,218 @@ def latent_examples(codes, y, texts: list[str], tokenizer, latents: dict[str, in
                          "rank": rank + 1, "activation": round(float(codes[i, j]), 2),
                          "complexity": round(float(y[i]), 1), "context (end)": tail})
     return pd.DataFrame(rows).set_index(["latent", "rank"])
+
+
+# ---- per-token complexity (chapter 2)
+
+
+def label_by_position(label, position) -> pd.DataFrame:
+    """Mean, quartiles and count of the labelled tokens at each position (NaN labels left out).
+
+    Shows how a token's complexity label (:func:`adaptivek.tokens.prefix_labels`) evolves as its text is read.
+    """
+    import numpy as np
+
+    df = pd.DataFrame({"position": np.asarray(position), "label": np.asarray(label, dtype=np.float64)}).dropna()
+    g = df.groupby("position")["label"]  # one group per position
+    return pd.DataFrame({"mean": g.mean(), "q25": g.quantile(0.25), "q75": g.quantile(0.75), "n": g.size()})
+
+
+def label_spread(label, text_index) -> dict[str, float]:
+    """Within-text and between-text standard deviation of the labelled tokens' labels.
+
+    ``within``: root of the mean per-text variance (texts with at least two labelled tokens); ``between``:
+    standard deviation of the per-text mean labels. Answers: does a label vary more along a text or across texts?
+    """
+    import numpy as np
+
+    df = pd.DataFrame({"text": np.asarray(text_index), "label": np.asarray(label, dtype=np.float64)}).dropna()
+    g = df.groupby("text")["label"]  # one group per text with any labelled token
+    var = g.var(ddof=0)[g.size() >= 2]
+    return {"within": float(np.sqrt(var.mean())), "between": float(g.mean().std(ddof=0)), "texts": int(g.ngroups)}
+
+
+# ---- token-level probe (chapter 3)
+
+
+def token_probe_table(rows: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """The last-token and every-token probes side by side, one row per probe, formatted for display.
+
+    Each entry of ``rows`` holds ``n_train``, ``n_train_documents``, ``n_test``, ``n_test_documents``, ``lambda``,
+    ``lambda_at_edge``, ``pearson`` with ``pearson_lo``/``pearson_hi`` and ``r2``; a missing ``lambda`` shows
+    as "-" (a row that reads an existing probe elsewhere). λ at the edge of its final grid is marked "(edge)".
+    """
+    out = {}
+    for name, r in rows.items():
+        lam = r.get("lambda")
+        out[name] = {
+            "train rows (documents)": f"{r['n_train']:,} ({r['n_train_documents']})",
+            "test rows (documents)": f"{r['n_test']:,} ({r['n_test_documents']})",
+            "λ": "-" if lam is None else f"{lam:g}" + (" (edge)" if r.get("lambda_at_edge") else ""),
+            "Pearson [95 % CI over documents]": fmt_ci(r["pearson"], r["pearson_lo"], r["pearson_hi"]),
+            "R²": f"{r['r2']:.2f}",
+        }
+    table = pd.DataFrame.from_dict(out, orient="index")
+    table.index.name = "probe"
+    return table
+
+
+def within_source_verdict(table: pd.DataFrame) -> str:
+    """Answer "does the probe track complexity within a source, or mostly which source a text comes from?".
+
+    From :func:`adaptivek.linear_encoding.within_source_scores`: compares the Pearson left after removing
+    each source's training mean (row ``pooled, source means removed``) with the pooled one. Within a source
+    too: its CI is above 0 and it keeps at least half the pooled Pearson; both, but mostly which source: CI
+    above 0 but less than half; mostly which source: the CI reaches 0.
+    """
+    pooled = table.loc["pooled", "pearson"]
+    w = table.loc["pooled, source means removed"]
+    if not w["pearson_lo"] > 0:
+        return ("mostly which source a text comes from: with each source's mean removed, its predictions do not "
+                "reliably follow the labels (CI reaches 0)")
+    if w["pearson"] >= 0.5 * pooled:
+        return ("within a source too: with each source's mean removed, the correlation keeps at least half of "
+                "the pooled Pearson")
+    return ("both, but mostly which source: within sources the correlation is reliably above 0, yet less than "
+            "half of the pooled Pearson")
+
+
+# ---- regime tables (chapter 6)
+#
+# What each run's SAEs trained on and whether they generalise, read back from chapter 4's
+# ``saes/training.json`` (keys ``sae_data``, ``counts``, ``regime``) and chapter 3's
+# ``linear_encoding/token_probe.json``. A run without a file shows NOT_RUN; a training.json written before
+# ``sae_data`` existed is a last-token run; a key such a file lacks shows "—".
+
+NOT_RUN = "(not run)"
+SAE_DATA_NAMES = {"last_token": "last token (one vector per context)", "all_tokens": "every kept token"}
+
+
+def collect_regime(run_dir: str | Path) -> dict[str, Any]:
+    """One run's data regime: ``sae_data`` (None when chapter 4 has not run), ``counts`` (rows, texts and
+    documents per split, exclusions), ``regime`` (chapter 4's training vs held-out FVE rows) and
+    ``token_probe`` (chapter 3's per-token probe, None when absent)."""
+    run_dir = Path(run_dir)
+    out: dict[str, Any] = {"run": run_dir.name, "sae_data": None, "counts": {}, "regime": [], "token_probe": None}
+    training = run_dir / "saes" / "training.json"
+    if training.is_file():
+        t = json.loads(training.read_text())
+        counts = dict(t.get("counts") or {})
+        for split in ("train", "test"):  # older files list the split's rows only
+            if f"{split}_rows" not in counts and isinstance(t.get(split), list):
+                counts[f"{split}_rows"] = len(t[split])
+        out |= {"sae_data": t.get("sae_data") or "last_token", "counts": counts,
+                "regime": [nan_for_null(r) for r in t.get("regime") or []]}
+    probe = run_dir / "linear_encoding" / "token_probe.json"
+    if probe.is_file():
+        out["token_probe"] = json.loads(probe.read_text())
+    return out
+
+
+def _n(counts: dict[str, Any], *keys: str) -> str:
+    """``"2,891,000"`` (several keys: joined by " / "); "—" for a key the run did not record."""
+    return " / ".join(f"{int(counts[k]):,}" if counts.get(k) is not None else "—" for k in keys)
+
+
+def regime_runs_table(regimes: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """Per run (:func:`collect_regime` values by run name): what its SAEs trained on, the rows, texts and
+    documents of each split, the unlabelled training rows and the tokens the exclusion rule removed."""
+    rows = []
+    for run, r in regimes.items():
+        c = r["counts"]
+        if r["sae_data"] is None:
+            rows.append({"run": run, "SAE data": NOT_RUN})
+            continue
+        rows.append({"run": run, "SAE data": SAE_DATA_NAMES.get(r["sae_data"], r["sae_data"]),
+                     "rows (train / held out)": _n(c, "train_rows", "test_rows"),
+                     "texts (train / held out)": _n(c, "train_texts", "test_texts"),
+                     "documents (train / held out)": _n(c, "train_documents", "test_documents"),
+                     "unlabelled training rows": _n(c, "train_unlabelled"),
+                     "excluded (position 0 / extreme norm)": (_n(c, "excluded_first_positions", "excluded_extreme_norm")
+                                                              if r["sae_data"] == "all_tokens" else "none")})
+    cols = ["run", "SAE data", "rows (train / held out)", "texts (train / held out)", "documents (train / held out)",
+            "unlabelled training rows", "excluded (position 0 / extreme norm)"]
+    return pd.DataFrame(rows, columns=cols).set_index("run").fillna(NOT_RUN)
+
+
+def generalisation_runs_table(regimes: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """Chapter 4's generalisation check per run and SAE: held-out mean L0, FVE on training and on held-out
+    vectors, their gap, and PCA's held-out FVE with as many components as the SAE's mean L0."""
+    rows = []
+    for run, r in regimes.items():
+        for g in r["regime"] or [{"sae": NOT_RUN}]:
+            rows.append({"run": run, "SAE": g.get("sae"), "mean L0": g.get("l0"), "train FVE": g.get("train_fve"),
+                         "held-out FVE": g.get("test_fve"), "gap": g.get("gap"), "PCA FVE (same L0)": g.get("pca_fve")})
+    cols = ["run", "SAE", "mean L0", "train FVE", "held-out FVE", "gap", "PCA FVE (same L0)"]
+    return pd.DataFrame(rows, columns=cols).set_index(["run", "SAE"]).astype(float).round(3)
+
+
+def token_probe_runs_table(regimes: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """Chapter 3's every-token probe per run: its layer, training and held-out tokens and documents, held-out
+    Pearson with its interval (over documents) and R², beside the last-token probe's Pearson at that layer."""
+    rows = []
+    for run, r in regimes.items():
+        p = r["token_probe"]
+        if p is None:
+            rows.append({"run": run, "layer": NOT_RUN})
+            continue
+        rows.append({"run": run, "layer": p.get("layer"), "tokens (train / held out)": _n(p, "n_train_tokens", "n_test_tokens"),
+                     "documents (train / held out)": _n(p, "n_train_documents", "n_test_documents"),
+                     "Pearson [95% CI]": _pearson(p, "pearson"), "R²": _num(p.get("r2")),
+                     "last-token probe's Pearson": _pearson(p, "last_token_pearson")})
+    cols = ["run", "layer", "tokens (train / held out)", "documents (train / held out)", "Pearson [95% CI]", "R²",
+            "last-token probe's Pearson"]
+    return pd.DataFrame(rows, columns=cols).set_index("run").fillna(NOT_RUN)
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    return "—" if value is None or value != value else f"{value:.{digits}f}"  # value != value: NaN
+
+
+def _pearson(p: dict[str, Any], key: str) -> str:
+    """``p[key]`` with its interval (``key + "_lo"``, ``"_hi"``) when ``p`` has one, to 3 decimals."""
+    if p.get(f"{key}_lo") is None or p.get(key) is None:
+        return _num(p.get(key))
+    return fmt_ci(p[key], p[f"{key}_lo"], p[f"{key}_hi"], digits=3)
+
+
+def regime_summary(regime: dict[str, Any] | None, *, tolerance: float = 0.02) -> dict[str, str]:
+    """The strings chapter 6 glues for one run (:func:`collect_regime`), each NOT_RUN where the run lacks it:
+    ``sae_data``, ``train_rows``, ``test_rows``, ``train_documents``, ``test_documents``, ``max_gap`` (the
+    largest training-minus-held-out FVE gap), ``gap_verdict`` (a sentence: a gap above ``tolerance`` means
+    the SAEs fit their training vectors better than new ones), ``token_pearson`` (chapter 3's every-token
+    probe) and ``last_token_pearson`` (its last-token probe at the same layer), each with its interval."""
+    r = regime or {"sae_data": None, "counts": {}, "regime": [], "token_probe": None}
+    c, out = r["counts"], dict.fromkeys(("sae_data", "train_rows", "test_rows", "train_documents", "test_documents",
+                                         "max_gap", "gap_verdict", "token_pearson", "last_token_pearson"), NOT_RUN)
+    if r["sae_data"] is not None:
+        out |= {"sae_data": SAE_DATA_NAMES.get(r["sae_data"], r["sae_data"]),
+                **{k: _n(c, k) for k in ("train_rows", "test_rows", "train_documents", "test_documents")}}
+    gaps = [g["gap"] for g in r["regime"] if g.get("gap") is not None and g["gap"] == g["gap"]]
+    if gaps:
+        worst = max(gaps, key=abs)
+        out["max_gap"] = f"{worst:+.3f}"
+        out["gap_verdict"] = (f"training and held-out FVE agree within {tolerance} for every SAE, so they learned "
+                              "features that carry over to new text" if abs(worst) <= tolerance else
+                              f"the SAEs reconstruct their training vectors better than held-out ones (gap up to "
+                              f"{worst:+.3f}), so part of what they learned is specific to the training set")
+    if p := r["token_probe"]:
+        out |= {"token_pearson": _pearson(p, "pearson"), "last_token_pearson": _pearson(p, "last_token_pearson")}
+    return out
+
+
+def profile_settings(params: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """:func:`profile_vs_paper` with one more row, the SAEs' training data (the paper: one last-token vector
+    per context; ``all_tokens``: every kept token)."""
+    table = profile_vs_paper(params)
+    sae_data = (params.get("04_training") or {}).get("sae_data", (params.get("01_activations") or {}).get("sae_data"))
+    row = {"setting": "SAE training data", "paper": "last_token", "profile": sae_data, "same": sae_data == "last_token"}
+    return pd.concat([table, pd.DataFrame([row])], ignore_index=True)
+
+
+def is_paper_profile(params: dict[str, dict[str, Any]]) -> bool:
+    """Whether a profile's effective parameters (:func:`adaptivek.book.effective_parameters`) run one of the
+    paper's models (also as a dry run's ``random:`` copy); ``quick`` and ``full`` do not."""
+    from .paper import SETTINGS
+
+    return str((params.get("01_activations") or {}).get("model", "")).removeprefix("random:") in SETTINGS["layers"]

@@ -186,6 +186,83 @@ def bootstrap_ci(fn: Callable[..., Any], *arrays: Any, n_boot: int = 1000, seed:
     return CI(est, float(q[0]), float(q[1]))
 
 
+def _group_draws(groups: Any, n: int, n_boot: int, seed: int, alpha: float) -> tuple[GroupCodes, Tensor]:
+    """Checked group codes [n] and the groups each replicate draws [n_boot, G] (seeded, with replacement)."""
+    int_at_least(n_boot, "n_boot")
+    finite_number(alpha, "alpha", low=0, high=1, low_open=True, high_open=True)
+    g = group_codes(groups)
+    if len(g.codes) != n:
+        raise ValueError(f"groups has {len(g.codes)} ids for {n} rows; pass one group id (document) per row")
+    if len(g.ids) < 2:
+        raise ValueError(f"need at least 2 groups to bootstrap over groups, got {len(g.ids)}; with one document "
+                         f"there is no between-document variation to resample")
+    gen = torch.Generator().manual_seed(int(seed))
+    return g, torch.randint(0, len(g.ids), (n_boot, len(g.ids)), generator=gen)
+
+
+def _percentile_ci(est: float, stats: Tensor, alpha: float) -> CI:
+    stats = stats[torch.isfinite(stats)]
+    if stats.numel() == 0:
+        return CI(est, math.nan, math.nan)
+    q = torch.quantile(stats, torch.tensor([alpha / 2, 1 - alpha / 2], dtype=torch.float64))
+    return CI(est, float(q[0]), float(q[1]))
+
+
+def group_bootstrap_ci(fn: Callable[..., Any], *arrays: Any, groups: Any, n_boot: int = 1000, seed: int = 0,
+                       alpha: float = 0.05) -> CI:
+    """Percentile bootstrap CI of ``fn(*arrays)`` that resamples whole groups (documents), not rows.
+
+    Rows of one group (the tokens or contexts of one document) are not independent, so a row bootstrap
+    gives intervals that are too narrow. Each replicate draws as many groups as there are, with
+    replacement, and takes every row of each drawn group (a replicate's row count varies). ``fn`` is
+    called once per replicate on 1-D (or ``[n_r, ...]``) arrays and returns a number; NaN replicates are
+    ignored. With every row its own group (ids sorted as the rows) the replicates are exactly
+    :func:`bootstrap_ci`'s for the same seed. One call of ``fn`` per replicate: for Pearson, R² and RMSE
+    of many rows (tokens) :func:`group_bootstrap_metrics` gives the same intervals from per-group sums.
+    """
+    if not arrays:
+        raise ValueError("group_bootstrap_ci needs at least one array to resample")
+    ts = [_as_metric_tensor(a) for a in arrays]
+    n = len(ts[0])
+    if any(len(t) != n for t in ts):
+        raise ValueError(f"arrays to bootstrap have different lengths: {[len(t) for t in ts]}")
+    g, draws = _group_draws(groups, n, n_boot, seed, alpha)
+    sizes = torch.bincount(g.codes, minlength=len(g.ids))  # [G]
+    order = torch.argsort(g.codes, stable=True)  # rows, group after group
+    starts = sizes.cumsum(0) - sizes  # [G] first position of each group in ``order``
+    stats = torch.empty(n_boot, dtype=torch.float64)
+    for b, d in enumerate(draws):  # one replicate at a time: its row count varies
+        size = sizes[d]  # [G] rows of each drawn group
+        shift = torch.repeat_interleave(starts[d] - (size.cumsum(0) - size), size)  # resample position -> order
+        rows = order[torch.arange(int(size.sum())) + shift]  # every row of every drawn group, group after group
+        stats[b] = float(torch.as_tensor(fn(*[t[rows] for t in ts])))
+    return _percentile_ci(float(torch.as_tensor(fn(*ts))), stats, alpha)
+
+
+def group_bootstrap_metrics(pred: Any, y: Any, *, groups: Any, n_boot: int = 1000, seed: int = 0,
+                            alpha: float = 0.05) -> dict[str, CI]:
+    """``pearson``, ``r2`` and ``rmse`` of ``pred`` against ``y`` with group-bootstrap CIs, from per-group sums.
+
+    The resamples of :func:`group_bootstrap_ci` (same seed: same drawn groups, the same intervals up to
+    rounding), computed without touching the rows again: each statistic is a function of the sums
+    ``Σ1, Σp, Σy, Σp², Σy², Σpy, Σ(y-p)²``, so a replicate is its group draw counts ``[G]`` times the
+    per-group sums ``[G, 7]`` (milliseconds for 10⁵ rows and 1000 replicates, where a loop takes seconds).
+    """
+    p, t = _as_metric_tensor(pred).flatten(), _as_metric_tensor(y).flatten()
+    same_length(p, t, "pred", "y")
+    g, draws = _group_draws(groups, len(t), n_boot, seed, alpha)
+    pc, tc = p - p.mean(), t - t.mean()  # centred once: sums of squares without cancellation
+    cols = torch.stack([torch.ones_like(pc), pc, tc, pc * pc, tc * tc, pc * tc, (t - p) ** 2], 1)  # [n, 7]
+    per_group = torch.zeros(len(g.ids), 7, dtype=torch.float64).index_add_(0, g.codes, cols)  # [G, 7]
+    counts = torch.zeros(n_boot, len(g.ids), dtype=torch.float64).scatter_add_(
+        1, draws, torch.ones(draws.shape, dtype=torch.float64))  # [B, G] times each group was drawn
+    s = torch.cat([per_group.sum(0, keepdim=True), counts @ per_group])  # [1 + B, 7]: full data, then replicates
+    n, sp, sy, spp, syy, spy, see = s.unbind(1)
+    vp, vy = spp - sp * sp / n, syy - sy * sy / n  # [1 + B] n * variance
+    stats = {"pearson": (spy - sp * sy / n) / (vp * vy).sqrt(), "r2": 1 - see / vy, "rmse": (see / n).sqrt()}
+    return {k: _percentile_ci(float(v[0]), v[1:], alpha) for k, v in stats.items()}
+
+
 def bootstrap_counts(n: int, n_boot: int, seed: int = 0) -> Tensor:
     """Row counts of ``n_boot`` bootstrap resamples of ``n`` rows: float64 [n_boot, n], each row sums to n."""
     g = torch.Generator().manual_seed(int(seed))

@@ -112,6 +112,11 @@ class TrainConfig:
     """AdaptiveK phase 1: ridge penalties tried by cross-validation (reference grid)."""
     probe_folds: int = 5
     """AdaptiveK phase 1: cross-validation folds (reference 5)."""
+    unlabelled: Literal["error", "reconstruct_only"] = "error"
+    """AdaptiveK: what a NaN label means. "error" refuses it (a failed label). "reconstruct_only": the row
+    trains the SAE but never the probe (phase 1 fits the labelled rows, phase 3's probe loss averages
+    over the labelled rows of each batch); for token-level data where the tokens before the first scored
+    prefix have no complexity label. Pass their k with ``train_sae(..., k=...)`` or let the probe set it."""
     k_gradient: Literal["none", "straight_through"] = "none"
     """AdaptiveK phase 3: "none" is faithful (rounded k, no gradient from the SAE loss to the probe);
     "straight_through" is an extension that lets the SAE loss train the probe (module docstring)."""
@@ -176,6 +181,8 @@ class TrainConfig:
             raise bad("k_gradient", "must be 'none' (faithful) or 'straight_through'")
         if self.init_b_dec not in ("geometric_median", "mean", "none"):
             raise bad("init_b_dec", "must be 'geometric_median', 'mean' or 'none'")
+        if self.unlabelled not in ("error", "reconstruct_only"):
+            raise bad("unlabelled", "must be 'error' (NaN labels refused) or 'reconstruct_only'")
         if self.autocast not in (None, "bfloat16"):
             raise bad("autocast", "must be None (full precision) or 'bfloat16'")
         if self.k_aux is not None and (isinstance(self.k_aux, bool) or not isinstance(self.k_aux, int)
@@ -228,7 +235,7 @@ class _Batches:
         return torch.cat(parts)
 
 
-def _check_data(sae: SparseAutoencoder, X: Any, y: Any, k: Any
+def _check_data(sae: SparseAutoencoder, X: Any, y: Any, k: Any, cfg: TrainConfig
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     if not isinstance(X, torch.Tensor):
         raise TypeError(f"X must be a torch.Tensor [n, d_in], got {type(X).__name__}")
@@ -254,9 +261,17 @@ def _check_data(sae: SparseAutoencoder, X: Any, y: Any, k: Any
     if len(y) != len(X):
         raise ValueError(f"labels have the wrong length: y has {len(y)} entries but X has {len(X)} rows; "
                          f"they must be paired row by row")
-    finite_rows(y, "y", "a failed label has no complexity: drop those rows from X and y")
+    labelled = ~torch.isnan(y)
+    if cfg.unlabelled == "error" or not isinstance(sae, AdaptiveKSAE):
+        finite_rows(y, "y", "a failed label has no complexity: drop those rows from X and y (or, for rows "
+                    "that should train the SAE but not the probe, TrainConfig(unlabelled='reconstruct_only'))")
+    else:
+        finite_rows(y[labelled], "y", "only NaN may mark an unlabelled row")
+        if int(labelled.sum()) < 2:
+            raise ValueError(f"only {int(labelled.sum())} of {len(y)} rows have a label; AdaptiveK's probe needs "
+                             "at least 2 labelled rows")
     if isinstance(sae, AdaptiveKSAE):
-        _check_scale(sae, y)
+        _check_scale(sae, y[labelled])
     return X, y, k
 
 
@@ -297,6 +312,7 @@ class ProbeTerms(NamedTuple):
     mse: torch.Tensor  # () mean squared error against the labels
     loss: torch.Tensor  # () mse + (λ/2)‖w‖² (the reference's probe loss)
     deviation: torch.Tensor  # () ‖w - w0‖ + |b - b0|
+    n_labelled: int  # rows of the batch with a label (the MSE's rows; 0: the MSE term is 0 and logged as NaN)
 
 
 @dataclass
@@ -342,9 +358,11 @@ class JointProbe:
     def loss(self, xb: torch.Tensor, yb: torch.Tensor, probe: Any, cfg: TrainConfig) -> ProbeTerms:
         """The probe terms on a batch ``xb [B, d]`` with labels ``yb [B]``."""
         pred = (xb @ self.w + self.b).clamp(probe.y_min, probe.y_max)  # [B]
-        mse = (pred - yb).pow(2).mean()
+        labelled = ~torch.isnan(yb)  # unlabelled rows (TrainConfig.unlabelled) add nothing to the MSE
+        n = labelled.sum()
+        mse = torch.where(labelled, pred - yb, 0.0).pow(2).sum() / n.clamp(min=1)
         loss = mse + (0.5 * probe.lambda_ * self.w.pow(2).sum() if cfg.probe_l2 else 0.0)
-        return ProbeTerms(pred, mse, loss, (self.w - self.w0).norm() + (self.b - self.b0).abs())
+        return ProbeTerms(pred, mse, loss, (self.w - self.w0).norm() + (self.b - self.b0).abs(), int(n))
 
     def step(self, probe_loss: float, lr: float, cfg: TrainConfig) -> None:
         """Clip, one Adam step at ``lr``, then adapt δ (the gradients come from the joint backward)."""
@@ -450,13 +468,15 @@ def _phase1(sae: AdaptiveKSAE, X: torch.Tensor, y: torch.Tensor, cfg: TrainConfi
     """AdaptiveK phase 1: fit the probe (unless it is fitted and ``fit_probe`` is not True); its history row."""
     from .probe import RidgeProbe
 
+    lab = ~torch.isnan(y)  # the probe fits and is scored on labelled rows only (TrainConfig.unlabelled)
+    X, y = (X, y) if bool(lab.all()) else (X[lab], y[lab])
     if cfg.fit_probe if cfg.fit_probe is not None else not sae.has_probe:
         sae.probe = RidgeProbe.fit(X, y, lambdas=cfg.probe_lambdas, folds=cfg.probe_folds, seed=cfg.seed)
     elif not sae.has_probe:
         raise ValueError("fit_probe=False but the AdaptiveKSAE has no fitted probe; pass one or allow phase 1")
     pred = sae.probe.predict(X).float()
     return {"step": 0, "phase": 1, "probe_loss": float(((pred - y) ** 2).mean()),
-            "probe_rmse": float(((pred - y) ** 2).mean().sqrt()),
+            "probe_rmse": float(((pred - y) ** 2).mean().sqrt()), "n_labelled": int(lab.sum()),
             "probe_cv_rmse": float(sae.probe.cv_rmse.min()) if sae.probe.cv_rmse is not None else None,
             "probe_lambda": sae.probe.lambda_, "k_mean": float(sae.k_from_complexity(pred).float().mean()),
             "lr": 0.0}
@@ -586,7 +606,8 @@ def _row(s: int, phase: int, out: Any, loss: torch.Tensor, dead: torch.Tensor, g
            "k_max": int(out.k.max()), "dead_frac": float(dead.float().mean()), "grad_norm": float(grad_norm),
            "lr": lr, "time_s": time.perf_counter() - t0}
     if terms is not None and joint is not None:
-        row |= {"probe_loss": terms.loss.item(), "probe_rmse": terms.mse.sqrt().item(),
+        row |= {"probe_loss": terms.loss.item(),
+                "probe_rmse": terms.mse.sqrt().item() if terms.n_labelled else math.nan,
                 "deviation": terms.deviation.item(), "deviation_weight": joint.delta,
                 "probe_lr": joint.opt.param_groups[0]["lr"]}
     return row
@@ -630,7 +651,7 @@ def train_sae(sae: SparseAutoencoder, X: torch.Tensor, y: Any = None, cfg: Train
     from tqdm.auto import tqdm
 
     cfg = TrainConfig() if cfg is None else cfg
-    X, y, k = _check_data(sae, X, y, k)
+    X, y, k = _check_data(sae, X, y, k, cfg)
     T = cfg.total_steps(len(X))
     adaptive = isinstance(sae, AdaptiveKSAE)
     p3 = int(cfg.phase_ratio * T) if adaptive and cfg.phase_ratio < 1 else T  # first phase-3 step

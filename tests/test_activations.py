@@ -62,6 +62,29 @@ def test_several_layers_in_one_pass_equal_single_layers(embedded_lm):
         assert torch.allclose(many[ly], extract(embedded_lm, TEXTS, ly, progress=False), atol=1e-5)
 
 
+def test_a_token_mapping_reads_last_and_all_tokens_in_one_pass(tiny_gemma2, tmp_path):
+    mixed = extract(tiny_gemma2, TEXTS, [1, 3], token={1: "last", 3: "all"}, cache_dir=tmp_path, progress=False)
+    assert torch.allclose(mixed[1], extract(tiny_gemma2, TEXTS, 1, progress=False), atol=1e-5)
+    acts, index = extract(tiny_gemma2, TEXTS, 3, token="all", cache_dir=tmp_path, progress=False)  # a cache hit
+    assert torch.equal(mixed[3][1], index) and torch.equal(mixed[3][0], acts)
+    last = extract(tiny_gemma2, TEXTS, 3, progress=False)
+    assert torch.allclose(acts[index.diff(append=torch.tensor([-1])) != 0], last, atol=1e-5)  # each text's last row
+    # the last tokens of a layer cached with every token come from that entry, without a forward pass
+    from adaptivek import activations as A
+
+    calls = []
+    real = A._run
+    A._run = lambda *a, **k: calls.append(a) or real(*a, **k)
+    try:
+        cached_last = extract(tiny_gemma2, TEXTS, 3, cache_dir=tmp_path, progress=False)
+    finally:
+        A._run = real
+    assert calls == [] and torch.equal(cached_last, acts[index.diff(append=torch.tensor([-1])) != 0])
+    for bad, match in (({1: "last"}, "exactly the layers"), ({1: "last", 3: "every"}, "'last' or 'all'")):
+        with pytest.raises(ValueError, match=match):
+            extract(tiny_gemma2, TEXTS, [1, 3], token=bad, progress=False)
+
+
 def test_forward_stops_after_the_deepest_requested_layer(embedded_lm):
     ran = []
     # pre-hooks: a block that starts is recorded even if nnsight stops the pass at its output

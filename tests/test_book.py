@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -54,9 +55,12 @@ def test_profile_parameters_reach_chapters_in_order_sharing_artifacts(minibook):
     executed.mkdir(parents=True)
     partial = executed / ".a.ipynb.k1ll3d.partial.ipynb"  # what a run killed inside chapter a leaves
     partial.write_text('{"cells": []}')
+    running = executed / f".b.ipynb.{os.getpid()}-x1.partial.ipynb"  # a run that is still going (this process)
+    running.write_text('{"cells": []}')
     logged = []
     runs = book.run_book("p", root=minibook, log=logged.append)
     assert not partial.exists() and any("removed 1 half-written" in line for line in logged)
+    assert running.exists()  # never another live run's file
     assert [r.name for r in runs] == ["a", "b"]  # b asserts it sees what a wrote, with x from the profile
     timings = json.loads((minibook / "_build" / "executed" / "timings-p.json").read_text())
     assert set(timings) == {"a", "b"}

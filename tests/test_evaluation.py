@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from adaptivek.comparison import CompareConfig, compare, load_results, rank_matc
 from adaptivek.evaluation import downstream_loss, downstream_losses, evaluate
 from adaptivek.frontier import recon_stats, vs_frontier
 from adaptivek.stats import bootstrap_counts, interpolate, pareto_mask
+from adaptivek.training import TrainConfig
 
 
 class Identity(torch.nn.Module):
@@ -240,7 +243,7 @@ def test_compare_writes_results_json(tmp_path):
 
 def test_compare_without_texts_skips_the_length_ablation(tmp_path):
     res = _small_compare(tmp_path, texts=False, batchtopk="none", n_bins=2, interp="linear").results
-    assert res["skipped"] == {"length_k": "no texts given"}
+    assert res["skipped"] == {"length_k": "no texts or lengths given"}
     assert {s["kind"] for s in res["saes"].values()} == {"topk", "adaptivek", "ablation"}
     assert len(res["by_complexity"]["bins"]) == 2 and res["config"]["interp"] == "linear"
 
@@ -486,3 +489,52 @@ def test_compare_with_downstream_loss(tmp_path, tiny_neox):
     assert {"ce", "frac_recovered"} <= set(res["vs_topk"]["adaptivek_2_8"])
     assert {"ce", "frac_recovered"} <= set(res["ablations"]["minus"]["shuffled_k"])
     assert set(res["frontier"]) == {"fve", "cosine", "mse", "ce", "frac_recovered"}
+
+
+def test_compare_on_token_rows(tmp_path, tiny_neox):
+    from adaptivek import extract
+    from adaptivek.tokens import last_token_rows, token_positions
+
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "theta", "kappa", "lambda", "omicron"]
+    texts = [" ".join(words[(i * j) % 10] for j in range(4 + i % 7)) + f" {i}" for i in range(24)]
+    acts, ti = extract(tiny_neox, texts, 1, token="all", max_length=16, progress=False)
+    pos = token_positions(ti)
+    y = (pos.double() / 2).clamp(0, 10)
+    y[pos < 2] = float("nan")  # the first tokens of every text are unlabelled
+    docs = np.array([f"doc{i // 3}" for i in range(24)])[ti.numpy()]
+    tr, te = ti < 18, ti >= 18
+    unl = TrainConfig(unlabelled="reconstruct_only", probe_folds=3)
+    cfg = CompareConfig(d_sae=32, steps=4, batch_size=16, topk_ks=(2, 4, 8), k_ranges=((2, 8),), n_boot=30, layer=1,
+                        max_length=16, n_ce=6, ce_batch_size=3, train_cfg=unl)
+    last = last_token_rows(ti[te])
+    kw = dict(out=tmp_path / "r.json", log=None, groups_train=docs[tr.numpy()], groups_test=docs[te.numpy()],
+              lengths_train=pos[tr] + 1, lengths_test=pos[te] + 1)
+    with pytest.raises(ValueError, match="reconstruct_only"):
+        compare(acts[tr], y[tr], acts[te], y[te], cfg=replace(cfg, train_cfg=TrainConfig(probe_folds=3)), **kw)
+    comp = compare(acts[tr], y[tr], acts[te], y[te], cfg=cfg, lm=tiny_neox, ce_texts=texts[18:], ce_rows=last - 1,
+                   **kw)
+    res = comp.results
+    assert res["config"]["n_unlabelled_train"] == int(y[tr].isnan().sum()) > 0
+    assert res["probe"]["n_labelled_train"] == int((~y[tr].isnan()).sum())
+    assert res["probe"]["k_train_source"] == "out_of_fold" and "length_k" in res["saes"]
+    assert sum(b["n"] for b in res["by_complexity"]["bins"]) == int((~y[te].isnan()).sum())  # labelled rows only
+    assert set(res["downstream"]["not_run"]) == {"shuffled_k", "length_k"}  # their k belongs to test rows
+    assert "ce" in res["saes"]["adaptivek_2_8"] and "ce" not in res["saes"]["shuffled_k"]
+    assert res["config"]["n_documents_test"] == 2
+    with pytest.raises(ValueError, match="not both"):
+        compare(acts[tr], y[tr], acts[te], y[te], cfg=cfg, texts_train=["a"] * int(tr.sum()), **kw)
+
+
+def test_replicate_weights_resample_whole_documents():
+    from adaptivek.frontier import replicate_weights
+
+    groups = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3])
+    W = replicate_weights(10, 200, seed=1, groups=groups)
+    assert W.shape == (201, 10) and bool((W[0] == 1).all())
+    for g in range(4):  # every row of a document carries that document's draw count
+        assert bool((W[1:, groups == g] == W[1:, groups == g][:, :1]).all())
+    per_doc = W[1:, [0, 3, 5, 9]]
+    assert bool((per_doc.sum(1) == 4).all())  # 4 documents drawn per replicate
+    assert not bool((W[1:].sum(1) == 10).all())  # so the number of rows varies, unlike a row bootstrap
+    with pytest.raises(ValueError, match="one code per row"):
+        replicate_weights(9, 10, seed=0, groups=groups)

@@ -563,3 +563,29 @@ def test_grouped_probe_bad_input(call, match):
     X, y = rng.normal(size=(60, 4)), rng.normal(size=60)
     with pytest.raises(ValueError, match=match):
         call(X, y, np.repeat(np.arange(15), 4))
+
+
+def test_out_of_fold_predicts_unlabelled_rows_with_their_folds_probe():
+    X, y = _ridge_case(noise=1.0, n=150)
+    g = np.repeat(np.arange(30), 5)
+    y_nan = y.copy()
+    unl = np.arange(0, 150, 5)  # the first row of every document has no label
+    y_nan[unl] = np.nan
+    with pytest.raises(ValueError, match="NaN|finite"):
+        pr.out_of_fold_predict(X, y_nan, groups=g, folds=5)
+    oof = pr.out_of_fold_predict(X, y_nan, groups=g, folds=5, seed=2, unlabelled="predict")
+    assert oof.shape == (150,) and bool(torch.isfinite(oof).all())
+    lab = np.setdiff1d(np.arange(150), unl)
+    folds = pr.validation_folds(5, 150, 2, groups=g)
+    # the labelled rows get what the labelled rows alone (in the same document folds) would give
+    where = {r: k for k, r in enumerate(lab)}
+    lab_folds = [np.array([where[r] for r in f.numpy() if r in where]) for f in folds]
+    want = pr.out_of_fold_predict(X[lab], y[lab], groups=None, folds=lab_folds)
+    assert torch.allclose(oof[lab], want)
+    # an unlabelled row: the label of its own document never reaches it, another fold's does
+    i = int(unl[3])
+    y2 = y_nan.copy()
+    same_doc = np.flatnonzero(g == g[i])
+    y2[same_doc[1]] += 50.0
+    assert pr.out_of_fold_predict(X, y2, groups=g, folds=5, seed=2, unlabelled="predict")[i] == pytest.approx(
+        float(oof[i]), abs=1e-12)

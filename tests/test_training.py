@@ -228,3 +228,32 @@ def test_bad_training_inputs(call, error, match):
     X, y = _complexity_data(n=100)
     with pytest.raises(error, match=match):
         call(X, y)
+
+
+def test_unlabelled_rows_train_the_sae_but_never_the_probe():
+    X, y = _complexity_data(n=512)
+    y_nan = y.clone()
+    unl = torch.arange(0, 512, 4)
+    y_nan[unl] = float("nan")
+    cfg = _small_cfg(steps=20, phase_ratio=0.5)
+    with pytest.raises(ValueError, match="reconstruct_only"):
+        train_sae(AdaptiveKSAE(16, 32, k_min=2, k_max=8, seed=0), X, y_nan, cfg, progress=False)
+    cfg = _small_cfg(steps=20, phase_ratio=0.5, unlabelled="reconstruct_only")
+    a, hist = train_sae(AdaptiveKSAE(16, 32, k_min=2, k_max=8, seed=0), X, y_nan, cfg, progress=False)
+    assert hist.n_labelled.iloc[0] == 512 - len(unl)
+    assert hist.probe_rmse.dropna().notna().all() and (hist.phase == 3).any()
+    assert bool(torch.isfinite(a.W_dec).all() and torch.isfinite(a.probe.weight).all())
+    # phase 1 is the ridge fit on the labelled rows alone
+    lab = ~torch.isnan(y_nan)
+    want = RidgeProbe.fit(X[lab], y_nan[lab], lambdas=cfg.probe_lambdas, folds=cfg.probe_folds, seed=cfg.seed)
+    assert hist.probe_lambda.iloc[0] == want.lambda_
+    # a labelled row's label reaches the probe
+    y_moved = y_nan.clone()
+    y_moved[1] += 3.0
+    c, _ = train_sae(AdaptiveKSAE(16, 32, k_min=2, k_max=8, seed=0), X, y_moved, cfg, progress=False)
+    assert not torch.equal(a.probe.weight, c.probe.weight)
+    with pytest.raises(ValueError, match="at least 2 labelled"):
+        train_sae(AdaptiveKSAE(16, 32, k_min=2, k_max=8, seed=0), X, torch.full((512,), float("nan")), cfg,
+                  progress=False)
+    with pytest.raises(ValueError, match="unlabelled"):
+        TrainConfig(unlabelled="skip")
