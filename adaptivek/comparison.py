@@ -21,7 +21,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -31,11 +32,11 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from . import checks, frontier, lineup
-from .evaluation import downstream_losses, evaluate
+from . import checks, decision, frontier, lineup, oracle
+from .evaluation import downstream_losses, evaluate, splice_intervals, splice_metrics
 from .io import nan_for_null, write_json
 from .lineup import Lineup, rank_match
-from .stats import GroupCodes, group_codes
+from .stats import GroupCodes, group_codes, group_split, split_indices
 from .training import TrainConfig
 
 RESULTS_FORMAT = 1
@@ -85,6 +86,15 @@ class CompareConfig:
     """Where the SAEs train (None: "cpu")."""
     progress: bool = False
     """Show progress bars while training and splicing."""
+    n_seeds: int = 3
+    """Training seeds (``seed``, ``seed + 1``, ...) of AdaptiveK at ``ablation_range`` and of every SAE
+    compared with it directly: TopK at its mean k, the ablations, BatchTopK, JumpReLU (the sweep and the
+    other k ranges train under ``seed`` only)."""
+    jumprelu: bool = True
+    """Train a JumpReLU SAE (learned per-latent thresholds) landing at AdaptiveK's mean L0, every seed."""
+    val_frac: float = 0.1
+    """Share of the training documents (rows without ``groups_train``) no SAE trains on: BatchTopK's
+    threshold is calibrated there and JumpReLU's L0 checked there. 0: calibrate on training vectors."""
 
     def __post_init__(self) -> None:
         for name in ("d_sae", "n_boot", "n_bins", "max_length", "n_ce", "ce_batch_size", "eval_batch_size"):
@@ -95,6 +105,9 @@ class CompareConfig:
         checks.non_negative_int(self.layer, "layer", allow_none=True)
         checks.one_of(self.batchtopk, "batchtopk", ("all", "first", "none"))
         checks.one_of(self.interp, "interp", ("log", "linear"))
+        checks.positive_int(self.n_seeds, "n_seeds")
+        if not (isinstance(self.val_frac, (int, float)) and 0 <= self.val_frac < 0.5):
+            raise ValueError(f"val_frac must be in [0, 0.5) (a share of the training documents), got {self.val_frac!r}")
         if self.scale != "auto" and not (isinstance(self.scale, (int, float)) and not isinstance(self.scale, bool)
                                          and math.isfinite(self.scale) and self.scale > 0):
             raise ValueError(f"scale must be 'auto' or a finite number > 0, got {self.scale!r}")
@@ -133,7 +146,8 @@ def compare(X_train: Tensor, y_train: Any, X_test: Tensor, y_test: Any, *, out: 
             cfg: CompareConfig | None = None, texts_train: Sequence[str] | None = None,
             texts_test: Sequence[str] | None = None, lm: Any = None, log: Callable[..., Any] | None = print,
             groups_train: Any = None, groups_test: Any = None, lengths_train: Any = None, lengths_test: Any = None,
-            ce_texts: Sequence[str] | None = None, ce_rows: Any = None) -> Comparison:
+            ce_texts: Sequence[str] | None = None, ce_rows: Any = None, splice: Mapping[str, Any] | None = None
+            ) -> Comparison:
     """Train and compare TopK, AdaptiveK, BatchTopK and the ablations; write ``out`` (JSON) atomically.
 
     ``X_train, y_train``: training vectors [n, d_in] (model units) and their complexity labels;
@@ -154,21 +168,35 @@ def compare(X_train: Tensor, y_train: Any, X_test: Tensor, y_test: Any, *, out: 
     ``lengths_test`` (how much each row has read, e.g. its position + 1: the length ablation) and
     ``ce_texts`` with ``ce_rows`` (the test row spliced in each text: its second-to-last token), for the
     downstream loss; the ablations' k is tied to test rows, so they get a downstream loss only then.
+
+    ``splice`` (with ``lm``): SAEBench's core downstream metrics instead of the one-position loss: every SAE
+    compared with AdaptiveK directly (seed ``cfg.seed``) spliced at every kept position of held-out texts
+    (:func:`~adaptivek.evaluation.splice_metrics`): ``{"texts": [...], "documents": [one id per text],
+    "max_norm": the exclusion threshold in model units or None, "drop_first": 1}``; CE loss recovered against
+    zero and mean ablation and KL to the clean model, with intervals over documents, in ``results["splice"]``.
     """
     t_start = time.perf_counter()
     out = _check_out(out)
     cfg = cfg if cfg is not None else CompareConfig()
     data = _inputs(texts_train, texts_test, lengths_train, lengths_test, ce_texts, ce_rows)
-    lu, cfg, mean_train = _prepare(X_train, y_train, X_test, y_test, cfg, data, lm, log)
+    if splice is not None and (lm is None or cfg.layer is None or not splice.get("texts")):
+        raise ValueError("splice needs lm, cfg.layer and splice['texts'] (held-out texts) together")
+    lu, cfg, mean_train = _prepare(X_train, y_train, X_test, y_test, cfg, data, lm if splice is None else None, log)
     lu.groups_train, lu.documents, groups_test = _check_groups(groups_train, groups_test, lu, lu.train.probe_folds)
+    _hold_out_validation(lu, data, cfg)
+    decide = _can_decide(groups_test, lu)  # before any training: a warning when it cannot
     lineup.train_topk_sweep(lu, cfg.topk_ks)
     lineup.train_adaptivek(lu, cfg.k_ranges)
     lineup.train_batchtopk(lu, lu.names["adaptivek"][: {"all": None, "first": 1, "none": 0}[cfg.batchtopk]])
     skipped = lineup.train_ablations(lu, _ablated(cfg), data["lengths_train"], data["lengths_test"])
+    seeds = _train_direct(lu, cfg, data)
     ev, recon = _evaluate(lu, cfg, groups_test)
-    ce = _downstream(lu, cfg, lm, data, mean_train, recon["bin_of"]) if lm is not None else None
+    ce = _downstream(lu, cfg, lm, data, mean_train, recon["bin_of"]) if lm is not None and splice is None else None
     results = {"format": RESULTS_FORMAT, "config": _config(lu, cfg), "probe": lu.probe, "skipped": skipped} | (
         frontier.results_json(lu.meta, ev, recon, ce, topk=lu.names["topk"], adaptivek=_ablated(cfg)))
+    results["decision"] = _decide(seeds, recon["rows"], cfg, groups_test) if decide is True else {"skipped": decide}
+    if splice is not None and lm is not None:
+        results["splice"] = _splice(lu, cfg, lm, splice, mean_train)
     results["seconds"] = time.perf_counter() - t_start
     write_json(out, results)
     lu.say(f"wrote {out} ({results['seconds']:.0f} s)")
@@ -280,6 +308,130 @@ def _prepare(X_train: Tensor, y_train: Any, X_test: Tensor, y_test: Any, cfg: Co
     lu = Lineup(X_train * scale, X_test * scale, y_train, y_test, train, cfg.d_sae, cfg.seed,
                 torch.device(cfg.device or "cpu"), cfg.progress, log or (lambda *_: None))
     return lu, cfg, X_train.mean(0)
+
+
+def _hold_out_validation(lu: Lineup, data: dict[str, Any], cfg: CompareConfig) -> None:
+    """Set ``cfg.val_frac`` of the training documents (rows, without ids) aside as ``lu.Xval``: no SAE trains
+    on them. The lineup's training rows, labels and document codes and ``data``'s per-row entries are cut."""
+    if not cfg.val_frac:
+        return
+    if lu.groups_train is not None:
+        codes = torch.as_tensor(lu.groups_train.codes)
+        keep, val = group_split(codes, (1 - cfg.val_frac, cfg.val_frac), seed=cfg.seed)
+        lu.groups_train = group_codes(lu.groups_train.ids[codes[keep].numpy()], "groups_train")  # ids left
+        lu.documents |= {"n_documents_train": len(lu.groups_train.ids),
+                         "n_documents_val": int(codes[val].unique().numel())}
+    else:
+        val, keep = split_indices(len(lu.Xtr), test_frac=cfg.val_frac, seed=cfg.seed)
+        keep, val = keep.sort().values, val.sort().values
+    for key in ("lengths_train", "texts_train"):
+        if data[key] is not None:
+            data[key] = data[key][keep] if isinstance(data[key], Tensor) else [data[key][i] for i in keep.tolist()]
+    lu.Xval, lu.Xtr, lu.y_train = lu.Xtr[val], lu.Xtr[keep], lu.y_train[keep]
+    lu.documents["n_val"] = len(val)
+
+
+def _train_direct(lu: Lineup, cfg: CompareConfig, data: dict[str, Any]) -> list[Lineup]:
+    """TopK at AdaptiveK's mean k and JumpReLU under ``cfg.seed``, then AdaptiveK at ``ablation_range`` and
+    every SAE compared with it directly under each further seed; returns one lineup per seed."""
+    ada = _ablated(cfg)
+    lineup.train_matched_topk(lu, ada)
+    if cfg.jumprelu:
+        lineup.train_jumprelu(lu, ada)
+    seeds = [lu]
+    for seed in range(cfg.seed + 1, cfg.seed + cfg.n_seeds):
+        lu.say(f"seed {seed}")
+        s = lineup.for_seed(lu, seed)
+        lineup.train_adaptivek(s, [cfg.ablation])
+        if cfg.batchtopk != "none":
+            lineup.train_batchtopk(s, [ada])
+        lineup.train_ablations(s, ada, data["lengths_train"], data["lengths_test"])
+        lineup.train_matched_topk(s, ada)
+        if cfg.jumprelu:
+            lineup.train_jumprelu(s, ada)
+        seeds.append(s)
+    return seeds
+
+
+def _direct_names(lu: Lineup, cfg: CompareConfig) -> dict[str, str]:
+    """The SAEs compared with AdaptiveK directly: label -> name (the same in every seed's lineup)."""
+    btk = [n for n in lu.names.get("batchtopk", []) if lu.meta[n].get("matched_to") == _ablated(cfg)
+           and lu.meta[n]["inference"] == "threshold"]
+    return ({a: a for a in lu.names.get("ablation", [])} | ({"batchtopk": btk[0]} if btk else {})
+            | ({"jumprelu": "jumprelu"} if "jumprelu" in lu.saes else {}))
+
+
+def _decide(seeds: list[Lineup], rows0: dict[str, Any], cfg: CompareConfig, groups_test: Tensor | None
+            ) -> dict[str, Any]:
+    """AdaptiveK against TopK at its budget and every direct competitor, over seeds and test documents
+    (:mod:`adaptivek.decision`), and the precondition: does TopK's error follow predicted complexity?"""
+    lu, ada = seeds[0], _ablated(cfg)
+    others, matched = _direct_names(lu, cfg), lu.names["matched"]
+    names = [ada, *matched, *others.values()]
+    rows = [{n: rows0[n] for n in names}]
+    for s in seeds[1:]:
+        ev = {n: evaluate(s.saes[n], s.Xte, batch_size=cfg.eval_batch_size, k=s.eval_k[n], per_row=True)
+              for n in names}
+        rows.append({n: {"sq_err": e["row_sq_err"], "cosine": e["row_cosine"], "l2_ratio": e["row_l2_ratio"],
+                         "l0": e["l0"].double()} for n, e in ev.items()})
+    res = decision.analyse(rows, lu.Xte, groups_test, adaptivek=ada, matched=matched, others=others,
+                           n_boot=cfg.n_boot, seed=cfg.seed)
+    pred = lu.probe_model.predict(lu.Xte).float()
+    res["precondition"] = decision.precondition(rows0[matched[0]]["sq_err"], lu.Xte, pred, groups_test,
+                                                n_boot=cfg.n_boot, seed=cfg.seed) | {"sae": matched[0]}
+    res["oracle"] = _oracle(lu, ada, matched[0])
+    res["seeds"] = [s.seed for s in seeds]
+    res["meta"] = {n: {k: v for k, v in lu.meta[n].items() if isinstance(v, (int, float, str, list))}
+                   for n in names}
+    return res
+
+
+def _oracle(lu: Lineup, ada: str, topk: str) -> dict[str, Any]:
+    """With ``topk``'s dictionary: the best per-row allocation of k at budgets around AdaptiveK's mean k,
+    AdaptiveK's allocation and a norm allocation (rescaled to each budget), as ΔFVE over the same k for all."""
+    sae, m = lu.saes[ada], lu.meta[ada]["k_test_mean"]
+    k_te = sae.k_from_complexity(sae.probe.predict(lu.Xte).float())  # AdaptiveK's k per held-out row
+    K = int(min(lu.d_sae, max(int(k_te.max()), math.ceil(2 * m))))
+    curves = oracle.error_curves(lu.saes[topk], lu.Xte, K)
+    budgets = sorted({float(b) for b in (0.5 * m, 0.75 * m, m, 1.5 * m, 2 * m) if 1 <= b <= K})
+    allocs = {"AdaptiveK's k": k_te, "norm k": rank_match(lu.Xte.norm(dim=1), k_te)}
+    table = oracle.allocation_curves(curves, budgets, allocs, seed=lu.seed)
+    at = table[(table["budget"] - m).abs() < 1e-6].set_index("method")["delta_fve"]
+    return {"k": lu.meta[topk]["k"], "budget": m, "k_grid_max": K, "table": table.to_dict(orient="records"),
+            "headroom": float(at["oracle"]), "probe": float(at["AdaptiveK's k"]), "norm": float(at["norm k"])}
+
+
+def _splice(lu: Lineup, cfg: CompareConfig, lm: Any, splice: Mapping[str, Any], mean_train: Tensor
+            ) -> dict[str, Any]:
+    """CE loss recovered and KL at every kept position of held-out texts for AdaptiveK and the SAEs compared
+    with it directly (the ablations' k belongs to test rows, so they are not spliced), with intervals that
+    resample documents and paired differences to AdaptiveK."""
+    t0, ada = time.perf_counter(), _ablated(cfg)
+    names = [ada, *lu.names.get("matched", []), *[n for lbl, n in _direct_names(lu, cfg).items()
+                                                 if lbl in ("batchtopk", "jumprelu")]]
+    lu.say(f"splicing {len(names)} SAEs at every position of {len(splice['texts'])} held-out texts")
+    res = splice_metrics(lm, {n: lu.saes[n] for n in names}, list(splice["texts"]), cfg.layer, scale=cfg.scale,
+                         mean=mean_train, max_norm=splice.get("max_norm"), drop_first=splice.get("drop_first", 1),
+                         max_length=cfg.max_length, batch_size=cfg.ce_batch_size, progress=cfg.progress)
+    table = splice_intervals(res, list(splice["documents"]), reference=ada, n_boot=cfg.n_boot, seed=cfg.seed)
+    keep = ("ce_sae", "delta_ce", "frac_recovered_zero", "frac_recovered_mean", "kl", "l0_mean")
+    return {"n_tokens": res["n_tokens"], "n_texts": res["n_texts"], "counts": res["counts"],
+            "ce_clean": res["ce_clean"], "ce_zero_ablate": res["ce_zero_ablate"],
+            "ce_mean_ablate": res["ce_mean_ablate"], "adaptivek": ada,
+            "saes": {n: {key: res["saes"][n][key] for key in keep} for n in names},
+            "intervals": table.to_dict(orient="records"), "seconds": time.perf_counter() - t0,
+            "not_run": {n: "k tied to test rows" for n in lu.names.get("ablation", [])}}
+
+
+def _can_decide(groups_test: Tensor | None, lu: Lineup) -> bool | str:
+    """True, or why the decisive comparison (intervals over held-out documents) is skipped, with a warning."""
+    try:
+        decision.check_documents(groups_test)
+    except ValueError as e:
+        warnings.warn(f"compare: the decisive comparison is skipped: {e}", UserWarning, stacklevel=3)
+        lu.say(f"decisive comparison skipped: {e}")
+        return str(e)
+    return True
 
 
 def _ablated(cfg: CompareConfig) -> str:

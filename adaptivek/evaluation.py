@@ -35,12 +35,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from .checks import finite_number, finite_rows, matrix, one_of, positive_int
+from .checks import finite_number, finite_rows, int_at_least, matrix, non_negative_int, one_of, positive_int
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class Encoder(Protocol):
@@ -400,4 +404,242 @@ def downstream_loss(lm: Any, sae: Encoder, texts: Sequence[str], layer: int, *, 
                   "l0_mean": s["l0_mean"], "rows_sae": s["rows"], "l0": s["l0"]}
 
 
-__all__ = ["evaluate", "downstream_loss", "downstream_losses", "frac_recovered", "reconstruct"]
+# ----------------------------------------------------------------------------- every-position splice
+def _check_splice(lm: Any, saes: Any, layer: Any, scale: Any, mean: Any, max_norm: Any, drop_first: Any,
+                  batch_size: Any, k: Any) -> tuple[int, Tensor, dict[str, Any]]:
+    """Validate :func:`splice_metrics`' settings; returns the layer, the mean [d_model] and each SAE's k."""
+    from .activations import _check_layers
+    from .models import d_model
+
+    if not isinstance(saes, Mapping) or not saes:
+        raise ValueError("saes must be a non-empty mapping name -> SAE")
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise TypeError(f"layer must be an int (the block the SAEs were trained on), got {layer!r}")
+    layer = _check_layers(lm, layer)[0]
+    finite_number(scale, "scale (SAEs see x * scale)", low=0, low_open=True)
+    if max_norm is not None:
+        finite_number(max_norm, "max_norm (model units, e.g. SAEData.selection.threshold; None: no norm rule)",
+                      low=0, low_open=True)
+    non_negative_int(drop_first, "drop_first")
+    positive_int(batch_size, "batch_size")
+    if not isinstance(mean, Tensor) or mean.numel() != d_model(lm) or not torch.isfinite(mean).all():
+        raise ValueError(f"mean must be a finite tensor [d_model={d_model(lm)}] in model units (the mean of the "
+                         f"training tokens' activations, before scaling), got {mean!r:.80}")
+    unknown = set(k or {}) - set(saes)
+    if unknown:
+        raise ValueError(f"k names SAEs that are not in saes: {sorted(unknown)}")
+    ks = {name: (k or {}).get(name) for name in saes}
+    for name, kn in ks.items():
+        if not (kn is None or callable(kn) or (isinstance(kn, int) and not isinstance(kn, bool) and kn >= 1)):
+            raise TypeError(f"k[{name!r}] must be None (the SAE's own k), an int >= 1 or a function of the scaled "
+                            f"activations [n, d] returning [n] (a per-token k is unknown before tokenising), "
+                            f"got {kn!r:.60}")
+    return layer, mean.detach().float().flatten(), ks
+
+
+def _logits_trace(lm: Any, layer: int, ids: Tensor, mask: Tensor, pos: Tensor, *, where: Tensor | None = None,
+                  values: Tensor | None = None, read: bool = False) -> tuple[Tensor, Tensor | None]:
+    """One nnsight trace: logits at every position [B, T, vocab]; optionally reads the block output [B, T, d]
+    (``read``) or overwrites it at the positions ``where [B, T]`` with ``values [n_where, d]``."""
+    from .models import blocks
+
+    h_saved = None
+    with torch.inference_mode(), lm.trace(input_ids=ids, attention_mask=mask, position_ids=pos):
+        h = _block_out(blocks(lm)[layer])  # [B, T, d]
+        if read:
+            h_saved = h.save()
+        if where is not None:
+            h[where] = values.to(h.dtype)
+        logits = lm.output.logits.save()  # [B, T, vocab]
+    return logits, h_saved
+
+
+def _batch_positions(lm: Any, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A batch on the model's device without all-padding columns: ``(ids, mask, position ids)`` [B, T]."""
+    from .models import model_device
+
+    first = mask.any(0).nonzero()[0, 0]  # left padding: drop columns that are padding in every row
+    device = model_device(lm)
+    ids, mask = ids[:, first:].to(device), mask[:, first:].to(device)
+    return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
+
+
+def _splice_batch(lm: Any, layer: int, ids: Tensor, mask: Tensor, text: Tensor, saes: Mapping[str, Encoder],
+                  ks: dict[str, Any], scale: float, mean: Tensor, max_norm: float | None, drop_first: int
+                  ) -> dict[str, Tensor]:
+    """One batch of :func:`splice_metrics`: the shared clean pass, the two ablations, one pass per SAE.
+
+    Returns per-token tensors (scored positions, row-major): ``text``, ``position``, ``clean``, ``zero``,
+    ``mean``, ``saes: {name: {"ce", "kl", "l0"}}``, and ``counts`` (0-d tensors) of the batch."""
+    ids, mask, pos = _batch_positions(lm, ids, mask)
+    logits, h = _logits_trace(lm, layer, ids, mask, pos, read=True)
+    real = mask.bool()
+    norm_ok = torch.ones_like(real) if max_norm is None else h.float().norm(dim=-1) <= max_norm  # [B, T]
+    spliced = real & (pos >= drop_first) & norm_ok  # positions the SAEs reconstruct
+    score = spliced.clone()
+    score[:, :-1] &= real[:, 1:]  # scored: spliced, with a next token to predict
+    score[:, -1] = False
+    target = ids[:, 1:][score[:, :-1]]  # [m] the next token of each scored position
+    logp = torch.log_softmax(logits[score].float(), dim=-1)  # [m, vocab] clean
+    del logits
+    out: dict[str, Any] = {
+        "text": text[:, None].expand_as(score.cpu())[score.cpu()], "position": pos[score].cpu(),
+        "clean": _nll(logp, target), "saes": {},
+        "counts": {"tokens": real.sum(), "excluded_first_positions": (real & (pos < drop_first)).sum(),
+                   "excluded_extreme_norm": (real & (pos >= drop_first) & ~norm_ok).sum(), "spliced": spliced.sum()}}
+    x = h[spliced].float()  # [n_spliced, d] model units
+    for name, vec in (("zero", torch.zeros_like(x)), ("mean", mean.to(x.device).expand_as(x))):
+        out[name] = _nll(_spliced_logp(lm, layer, ids, mask, pos, spliced, vec, score), target)
+    for name, sae in saes.items():
+        x_hat, l0 = _reconstruct_rows(sae, x, ks[name], scale)
+        logp_s = _spliced_logp(lm, layer, ids, mask, pos, spliced, x_hat, score)
+        l0_full = torch.zeros(score.shape, dtype=torch.int64)
+        l0_full[spliced.cpu()] = l0
+        out["saes"][name] = {"ce": _nll(logp_s, target), "kl": _kl(logp, logp_s), "l0": l0_full[score.cpu()]}
+    return out
+
+
+def _kl(logp: Tensor, logq: Tensor) -> Tensor:
+    """KL(p || q) [m] (float64 CPU) of each row of log-probabilities [m, vocab]; terms with p = 0 are 0."""
+    p = logp.exp()
+    return torch.where(p > 0, p * (logp - logq), 0.0).sum(-1).double().cpu()
+
+
+def _nll(logp: Tensor, target: Tensor) -> Tensor:
+    """Per-token cross-entropy [m] (float64 CPU) from log-probabilities [m, vocab]."""
+    return -logp.gather(1, target[:, None]).squeeze(1).double().cpu()
+
+
+def _spliced_logp(lm: Any, layer: int, ids: Tensor, mask: Tensor, pos: Tensor, where: Tensor, values: Tensor,
+                  score: Tensor) -> Tensor:
+    """Log-probabilities [m, vocab] at the scored positions with ``values`` written at ``where``."""
+    logits, _ = _logits_trace(lm, layer, ids, mask, pos, where=where, values=values)
+    return torch.log_softmax(logits[score].float(), dim=-1)
+
+
+def _reconstruct_rows(sae: Encoder, x: Tensor, k: Any, scale: float, chunk: int = 4096) -> tuple[Tensor, Tensor]:
+    """``(x̂ [n, d] in model units, l0 [n])``: the SAE sees ``x · scale``, its reconstruction is divided back."""
+    hats, l0s = [], []
+    for xb in (x * scale).split(chunk):
+        kb = k(xb.cpu()) if callable(k) else k
+        x_hat, codes = reconstruct(sae, xb, kb)
+        hats.append(x_hat.float().to(x.device) / scale)
+        l0s.append((codes != 0).sum(1).cpu())
+    if not hats:
+        return x.clone(), torch.zeros(0, dtype=torch.int64)
+    return torch.cat(hats), torch.cat(l0s)
+
+
+@torch.no_grad()
+def splice_metrics(lm: Any, saes: Mapping[str, Encoder], texts: Sequence[str], layer: int, *, scale: float,
+                   mean: Tensor, max_norm: float | None, drop_first: int = 1, max_length: int = 128,
+                   batch_size: int = 4, k: Mapping[str, Any] | None = None, progress: bool = False) -> dict[str, Any]:
+    """SAEBench's core downstream metrics at every position: each SAE's reconstruction spliced at all kept
+    positions of the texts in ONE forward pass per SAE per batch, the clean pass shared by all SAEs.
+
+    Positions the SAEs never trained on stay clean and are not scored: position < ``drop_first`` (0: the
+    attention sink) and block outputs with norm > ``max_norm`` (model units: ``SAEData.selection.threshold``
+    of the same :class:`~adaptivek.tokens.ExclusionRule`; None: no norm rule). A scored position is a spliced
+    one with a next token: its next-token cross-entropy clean, spliced, zero-ablated (the block output set to 0
+    at every spliced position) and mean-ablated (set to ``mean [d_model]``, the training tokens' mean in model
+    units), and the KL(clean || spliced) of its next-token distribution.
+
+    ``scale``: the SAEs see ``x · scale`` (SAEData.scale) and their ``x̂ / scale`` is spliced. ``k``: optional
+    name -> int or function of the scaled activations [n, d] returning [n] (None: the SAE's own k; AdaptiveK's
+    probe per token). Returns ``n_tokens`` (scored), ``n_texts``, ``counts``, per-token ``text_index``,
+    ``position``, ``rows_clean``, ``rows_zero_ablate``, ``rows_mean_ablate`` (nats, float64, sorted by text then
+    position), their means ``ce_clean``, ``ce_zero_ablate``, ``ce_mean_ablate``, and ``saes: {name: {"ce_sae",
+    "delta_ce", "frac_recovered_zero", "frac_recovered_mean", "kl", "l0_mean", "rows", "rows_kl", "l0"}}``.
+    Recovered: ``(CE_ablate - CE_sae) / (CE_ablate - CE_clean)`` over all scored tokens. ``counts``: tokens,
+    excluded_first_positions, excluded_extreme_norm, spliced, scored, texts_scored. Memory: a few
+    ``batch_size x max_length x vocab`` float32 tensors (lower ``batch_size`` for a large vocabulary).
+    """
+    from tqdm.auto import tqdm
+
+    layer, mean, ks = _check_splice(lm, saes, layer, scale, mean, max_norm, drop_first, batch_size, k)
+    ids_all, mask_all = _tokenize(lm.tokenizer, texts, max_length)
+    order = torch.argsort(mask_all.sum(1), descending=True, stable=True)  # similar lengths share a batch
+    parts = [_splice_batch(lm, layer, ids_all[sl], mask_all[sl], sl, saes, ks, float(scale), mean, max_norm,
+                           drop_first)
+             for sl in tqdm(order.split(batch_size), desc="splice", disable=not progress, unit="batch")]
+    return _collect_splice(parts, list(saes), len(ids_all))
+
+
+def _collect_splice(parts: list[dict[str, Tensor]], names: list[str], n_texts: int) -> dict[str, Any]:
+    """Concatenate the batches' per-token results, sort them by (text, position) and summarise them."""
+    flat = [{key: p[key] for key in ("text", "position", "clean", "zero", "mean")}
+            | {(name, key): v for name, s in p["saes"].items() for key, v in s.items()} for p in parts]
+    cat = {key: torch.cat([p[key] for p in flat]) for key in flat[0]}
+    if len(cat["clean"]) == 0:
+        raise ValueError("no position was scored: every kept position is excluded (drop_first, max_norm) or is "
+                         "its text's last token; use longer texts or check max_norm's units (model units)")
+    order = torch.argsort(cat["text"] * (int(cat["position"].max()) + 1) + cat["position"])
+    rows = {key: v[order] for key, v in cat.items()}
+    counts = {key: int(sum(p["counts"][key] for p in parts)) for key in parts[0]["counts"]}
+    counts |= {"scored": len(order), "texts_scored": len(torch.unique(rows["text"]))}
+    clean, zero, mean = (float(rows[key].mean()) for key in ("clean", "zero", "mean"))
+    result: dict[str, Any] = {
+        "n_tokens": len(order), "n_texts": n_texts, "counts": counts, "text_index": rows["text"],
+        "position": rows["position"], "rows_clean": rows["clean"], "rows_zero_ablate": rows["zero"],
+        "rows_mean_ablate": rows["mean"], "ce_clean": clean, "ce_zero_ablate": zero, "ce_mean_ablate": mean,
+        "saes": {}}
+    for name in names:
+        ce_rows, kl_rows, l0 = rows[name, "ce"], rows[name, "kl"], rows[name, "l0"]
+        ce = float(ce_rows.mean())
+        result["saes"][name] = {
+            "ce_sae": ce, "delta_ce": ce - clean, "frac_recovered_zero": frac_recovered(clean, ce, zero),
+            "frac_recovered_mean": frac_recovered(clean, ce, mean), "kl": float(kl_rows.mean()),
+            "l0_mean": float(l0.double().mean()), "rows": ce_rows, "rows_kl": kl_rows, "l0": l0}
+    return result
+
+
+def splice_intervals(result: Mapping[str, Any], documents: Sequence[Any], *, reference: str | None = None,
+                     n_boot: int = 1000, seed: int = 0, alpha: float = 0.05, min_documents: int = 20
+                     ) -> pd.DataFrame:
+    """Cluster-bootstrap intervals over documents for :func:`splice_metrics`' aggregates.
+
+    ``documents``: one source-document id per text given to :func:`splice_metrics` (tokens of one document
+    are resampled together). Metrics per SAE: ``frac_recovered_zero``, ``frac_recovered_mean``, ``kl``,
+    ``delta_ce``; with ``reference`` (an SAE name) also each SAE's difference to it on the same draws
+    (``versus`` column). Fewer than ``min_documents`` documents with scored tokens is an error: a cluster
+    bootstrap over a handful of documents gives intervals that cannot be trusted.
+    """
+    import pandas as pd
+
+    from .stats import bootstrap_counts, group_codes, percentile_summary
+
+    docs = np.asarray(documents, dtype=object)
+    if docs.ndim != 1 or len(docs) != result["n_texts"]:
+        raise ValueError(f"documents must hold one id per text given to splice_metrics ({result['n_texts']}), got "
+                         f"shape {docs.shape}")
+    names = list(result["saes"])
+    if reference is not None and reference not in names:
+        raise ValueError(f"reference {reference!r} is not one of the SAEs {names}")
+    int_at_least(min_documents, "min_documents", 2)
+    g = group_codes(docs[result["text_index"].numpy()], "documents")
+    if len(g.ids) < min_documents:
+        raise ValueError(f"the scored tokens come from {len(g.ids)} document(s); a cluster bootstrap over documents "
+                         f"needs at least {min_documents}: splice more held-out texts from more documents")
+    cols = [torch.ones_like(result["rows_clean"]), result["rows_clean"], result["rows_zero_ablate"],
+            result["rows_mean_ablate"]]
+    cols += [t for s in result["saes"].values() for t in (s["rows"], s["rows_kl"])]
+    per_group = torch.zeros(len(g.ids), len(cols), dtype=torch.float64).index_add_(
+        0, g.codes, torch.stack(cols, 1).double())  # [G, 4 + 2 · n_saes]
+    sums = torch.cat([per_group.sum(0, keepdim=True), bootstrap_counts(len(g.ids), n_boot, seed) @ per_group])
+    stats = {name: _splice_stats(sums, 4 + 2 * i) for i, name in enumerate(names)}  # each [1 + B]
+    rows = [{"sae": name, "metric": metric, "versus": ref, **percentile_summary(v[:1], v[1:], alpha)}
+            for name in names for metric, own in stats[name].items()
+            for ref, v in [(None, own)] + ([(reference, own - stats[reference][metric])]
+                                           if reference not in (None, name) else [])]
+    return pd.DataFrame(rows).assign(n_documents=len(g.ids), n_tokens=result["n_tokens"])
+
+
+def _splice_stats(sums: Tensor, col: int) -> dict[str, Tensor]:
+    """One SAE's aggregates from summed columns ``[R, c]`` (count, clean, zero, mean, then each SAE's CE and KL)."""
+    n, clean, zero, mean, sae, kl = sums[:, 0], sums[:, 1], sums[:, 2], sums[:, 3], sums[:, col], sums[:, col + 1]
+    return {"frac_recovered_zero": (zero - sae) / (zero - clean), "frac_recovered_mean": (mean - sae) / (mean - clean),
+            "kl": kl / n, "delta_ce": (sae - clean) / n}
+
+
+__all__ = ["evaluate", "downstream_loss", "downstream_losses", "frac_recovered", "reconstruct", "splice_metrics",
+           "splice_intervals"]

@@ -11,13 +11,19 @@ kind of SAE, so a new baseline is one more such function:
 * :func:`train_batchtopk`: BatchTopK at AdaptiveK's mean k; it also varies the number of active latents
   per input, but learns how from the data instead of from a complexity probe;
 * :func:`train_ablations`: TopK SAEs given AdaptiveK's k values per row without the complexity signal
-  (shuffled across rows; rank-matched to text length). If AdaptiveK's gain comes from allocating k by
-  complexity, it should beat both.
+  (shuffled across rows; rank-matched to text length, i.e. token position for token rows; rank-matched to
+  the vector's norm). If AdaptiveK's gain comes from allocating k by complexity, it should beat all of them;
+* :func:`train_matched_topk`: TopK at the two integers around AdaptiveK's mean k, compared with it seed by
+  seed (interpolated exactly at its mean L0);
+* :func:`train_jumprelu`: JumpReLU (learned per-latent thresholds) trained to land at AdaptiveK's mean L0;
+* :func:`for_seed`: the same lineup for another training seed (same data, probe and k values), so that
+  every directly compared SAE can be trained under several seeds.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -56,6 +62,8 @@ class Lineup:
     probe: dict[str, Any] = field(default_factory=dict)  # the phase-1 probe's fit (AdaptiveK)
     pred_train: Tensor | None = None  # [n_train] the predictions AdaptiveK's training k comes from
     k_train: dict[str, Tensor] = field(default_factory=dict)  # per AdaptiveK SAE: its k per training row [n_train]
+    probe_model: RidgeProbe | None = None  # the phase-1 probe every AdaptiveK SAE starts from
+    Xval: Tensor | None = None  # [n_val, d] validation vectors (training documents no SAE trains on), scaled
 
     @property
     def points(self) -> list[str]:
@@ -105,7 +113,7 @@ def fit_phase1_probe(lineup: Lineup) -> RidgeProbe:
                 "train": probe.evaluate(lu.Xtr[lab], lu.y_train[lab]),  # in-sample
                 "test": probe.evaluate(lu.Xte[lab_te], lu.y_test[lab_te]),
                 "n_labelled_train": int(lab.sum()), "n_labelled_test": int(lab_te.sum())}
-    lu.pred_train = probe.predict(lu.Xtr).float()
+    lu.probe_model, lu.pred_train = probe, probe.predict(lu.Xtr).float()
     if grouped:
         lu.pred_train = out_of_fold_predict(lu.Xtr, lu.y_train, groups=lu.groups_train, folds=tc.probe_folds,
                                             lambdas=tc.probe_lambdas, seed=lu.seed, extend_grid=True,
@@ -120,7 +128,7 @@ def train_adaptivek(lineup: Lineup, k_ranges: Sequence[tuple[int, int]]) -> list
     SAE's k on the training and test vectors. With document ids, phase 2 trains with the k of the
     out-of-fold predictions (``train_sae(..., k=...)``); without, with the probe's own k (as the paper)."""
     lu = lineup
-    probe = fit_phase1_probe(lu)
+    probe = lu.probe_model if lu.probe_model is not None else fit_phase1_probe(lu)
     names = lu.names.setdefault("adaptivek", [])
     for lo, hi in k_ranges:
         sae = AdaptiveKSAE(lu.Xtr.shape[1], lu.d_sae, copy.deepcopy(probe), k_min=lo, k_max=hi, seed=lu.seed)
@@ -140,8 +148,9 @@ def train_adaptivek(lineup: Lineup, k_ranges: Sequence[tuple[int, int]]) -> list
 
 def train_batchtopk(lineup: Lineup, matched_to: Sequence[str]) -> list[str]:
     """BatchTopK at the mean training k of each AdaptiveK SAE in ``matched_to``, recorded twice: with its
-    threshold (``batchtopk_K``; recalibrated on the training vectors by ``freeze``) and with its batch
-    rule applied to the held-out set as one batch (``batchtopk_K_batch``: mean L0 = k exactly)."""
+    threshold (``batchtopk_K``; calibrated by ``freeze`` on the validation vectors, documents no SAE
+    trained on, or on the training vectors without them) and with its batch rule applied to the held-out
+    set as one batch (``batchtopk_K_batch``: mean L0 = k exactly)."""
     names = lineup.names.setdefault("batchtopk", [])
     for ada in matched_to:
         k = max(1, round(lineup.meta[ada]["k_train_mean"]))
@@ -150,8 +159,10 @@ def train_batchtopk(lineup: Lineup, matched_to: Sequence[str]) -> list[str]:
             continue
         sae = lineup.add(name, BatchTopKSAE(lineup.Xtr.shape[1], lineup.d_sae, k, seed=lineup.seed),
                          kind="batchtopk", k=k, matched_to=ada, inference="threshold")
-        sae.freeze(lineup.Xtr, seed=lineup.seed)
-        lineup.meta[name] |= {"threshold": float(sae.threshold), "threshold_ema": sae.threshold_ema}
+        on = "validation" if lineup.Xval is not None else "training"
+        sae.freeze(lineup.Xval if lineup.Xval is not None else lineup.Xtr, seed=lineup.seed)
+        lineup.meta[name] |= {"threshold": float(sae.threshold), "threshold_ema": sae.threshold_ema,
+                              "calibrated_on": on}
         lineup.saes[batch], lineup.meta[batch] = sae, lineup.meta[name] | {"inference": "batch rule"}
         lineup.eval_k[batch] = sae.batch_k(lineup.Xte).clamp(min=1)
         lineup.ce_k[batch] = lambda x, sae=sae: sae.batch_k(x).clamp(min=1)  # the rule per downstream batch
@@ -163,8 +174,8 @@ def train_ablations(lineup: Lineup, adaptivek: str, lengths_train: Tensor | None
                     lengths_test: Tensor | None = None) -> dict[str, str]:
     """TopK SAEs trained and evaluated with exactly ``adaptivek``'s k values per row, reassigned:
     ``shuffled_k`` at random, ``length_k`` by how much each row has read (``lengths_*`` [n]: a text's
-    characters for last-token rows, a token's position + 1 for token rows; needs both).
-    Returns the ablations skipped, with why."""
+    characters for last-token rows, a token's position + 1 for token rows; needs both), ``norm_k`` by the
+    vector's norm ‖x‖ (largest norm, largest k). Returns the ablations skipped, with why."""
     ada = lineup.saes[adaptivek]
     k_tr = lineup.k_train[adaptivek]  # the k values AdaptiveK trained with (in-sample or out-of-fold)
     k_te = ada.k_from_complexity(ada.probe.predict(lineup.Xte).float())
@@ -178,6 +189,8 @@ def train_ablations(lineup: Lineup, adaptivek: str, lengths_train: Tensor | None
                                  "(longest, largest)")
     else:
         skipped["length_k"] = "no texts or lengths given"
+    ablations["norm_k"] = (rank_match(lineup.Xtr.norm(dim=1), k_tr), rank_match(lineup.Xte.norm(dim=1), k_te),
+                           "AdaptiveK's k values reassigned by the vector's norm (largest norm, largest k)")
     names = lineup.names.setdefault("ablation", [])
     for name, (ktr, kte, what) in ablations.items():
         lineup.add(name, TopKSAE(lineup.Xtr.shape[1], lineup.d_sae, int(ktr.max()), seed=lineup.seed), k_rows=ktr,
@@ -185,6 +198,50 @@ def train_ablations(lineup: Lineup, adaptivek: str, lengths_train: Tensor | None
         lineup.eval_k[name] = kte
         names.append(name)
     return skipped
+
+
+def train_matched_topk(lineup: Lineup, adaptivek: str) -> list[str]:
+    """TopK at ``floor`` and ``ceil`` of ``adaptivek``'s mean k on the held-out vectors (``matched_K``; one
+    SAE when that mean is a whole number): a line between them gives TopK exactly at AdaptiveK's budget."""
+    m = lineup.meta[adaptivek]["k_test_mean"]
+    names = lineup.names.setdefault("matched", [])
+    for k in sorted({max(1, math.floor(m)), min(lineup.d_sae, max(1, math.ceil(m)))}):
+        name, same = f"matched_{k}", f"topk_{k}"
+        if same in lineup.saes:  # the sweep trained this very SAE (same k, seed, data and settings): reuse it
+            lineup.saes[name], lineup.eval_k[name] = lineup.saes[same], None
+            lineup.meta[name] = lineup.meta[same] | {"kind": "matched", "matched_to": adaptivek, "target_k": m,
+                                                     "same_as": same}
+        else:
+            lineup.add(name, TopKSAE(lineup.Xtr.shape[1], lineup.d_sae, k, seed=lineup.seed), kind="matched", k=k,
+                       matched_to=adaptivek, target_k=m)
+        names.append(name)
+    return names
+
+
+def train_jumprelu(lineup: Lineup, adaptivek: str) -> list[str]:
+    """JumpReLU (per-latent learned thresholds, an L0 penalty whose weight is steered during training) at
+    ``adaptivek``'s mean k on the held-out vectors as its target L0 (``jumprelu``); its L0 on the validation vectors (or
+    the training vectors) is recorded next to the target."""
+    from .sae import JumpReLUSAE
+
+    target = lineup.meta[adaptivek]["k_test_mean"]
+    sae = lineup.add("jumprelu", JumpReLUSAE(lineup.Xtr.shape[1], lineup.d_sae, target_l0=target, seed=lineup.seed),
+                     kind="jumprelu", target_l0=target, matched_to=adaptivek)
+    X = lineup.Xval if lineup.Xval is not None else lineup.Xtr
+    with torch.no_grad():
+        l0 = float(sae.encode(X[:4096].to(lineup.device)).gt(0).sum(1).float().mean())
+    lineup.meta["jumprelu"] |= {"l0_check": l0, "l0_check_on": "validation" if lineup.Xval is not None else "training"}
+    lineup.names.setdefault("jumprelu", []).append("jumprelu")
+    return ["jumprelu"]
+
+
+def for_seed(lineup: Lineup, seed: int) -> Lineup:
+    """A lineup with the same data, probe, k values and settings whose SAEs will train under ``seed``
+    (initial weights and batch order); no SAE trained yet."""
+    from dataclasses import replace
+
+    return replace(lineup, seed=seed, train=replace(lineup.train, seed=seed), saes={}, meta={}, eval_k={},
+                   ce_k={}, names={})
 
 
 def rank_match(values: Tensor, target: Tensor) -> Tensor:
@@ -195,4 +252,4 @@ def rank_match(values: Tensor, target: Tensor) -> Tensor:
 
 
 __all__ = ["Lineup", "train_topk_sweep", "fit_phase1_probe", "train_adaptivek", "train_batchtopk", "train_ablations",
-           "rank_match"]
+           "train_matched_topk", "train_jumprelu", "for_seed", "rank_match"]

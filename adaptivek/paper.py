@@ -202,6 +202,24 @@ DEVIATIONS: list[Deviation] = [
               "reproduced (probe_l2=True, the default); probe_l2=False drops the term",
               "faithful first; chapter 4 reports the probe's test RMSE before and after phase 3", "04_training",
               SAME),
+    Deviation("training seeds", "one training run per SAE", "AdaptiveK and every SAE compared with it directly "
+              "train under 3 seeds (initial weights, batch order); intervals resample seeds and held-out documents",
+              "a difference that one initialisation produces is not a property of the method", "05_comparison",
+              MEASURED),
+    Deviation("TopK baseline", "a TopK sweep at fixed k; AdaptiveK placed between sweep points",
+              "also TopK trained at the two integers around AdaptiveK's mean k, compared seed by seed; and an "
+              "oracle allocation on TopK's dictionary as the ceiling of any per-token allocation",
+              "a frontier read between distant sweep points adds interpolation error to a small difference",
+              "05_comparison", MEASURED),
+    Deviation("adaptive baselines", "BatchTopK's threshold from the training-time moving average; JumpReLU listed "
+              "among the paper's baselines", "BatchTopK's threshold calibrated on validation documents no SAE "
+              "trained on; JumpReLU trained with its L0 steered to AdaptiveK's mean L0",
+              "a threshold set on the vectors an SAE trained on drifts on new text; a baseline must sit at the "
+              "same budget to be compared", "05_comparison", MEASURED),
+    Deviation("downstream metrics", "none reported for AdaptiveK (SAEBench for the baselines)",
+              "SAEBench's core metrics: CE loss recovered (zero and mean ablation) and KL at every kept position "
+              "of held-out texts, with intervals over documents", "reconstruction error is a proxy; the model's "
+              "loss on the reconstruction is what a user pays", "05_comparison", MEASURED),
 ]
 
 

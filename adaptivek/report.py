@@ -638,8 +638,10 @@ def plot_runs(results: dict[str, dict[str, Any]]):
 # A "difference" is one of its {"estimate", "lo", "hi"} entries (a point minus the TopK frontier, or
 # AdaptiveK minus an ablation) with its 95 % paired bootstrap interval.
 
-KINDS = {"topk": "TopK", "adaptivek": "AdaptiveK", "batchtopk": "BatchTopK", "ablation": "ablation"}
-KIND_COLORS = {"TopK": "#4c72b0", "AdaptiveK": "#dd8452", "BatchTopK": "#55a868", "ablation": "#8172b3"}
+KINDS = {"topk": "TopK", "adaptivek": "AdaptiveK", "batchtopk": "BatchTopK", "ablation": "ablation",
+         "matched": "TopK (matched)", "jumprelu": "JumpReLU"}
+KIND_COLORS = {"TopK": "#4c72b0", "AdaptiveK": "#dd8452", "BatchTopK": "#55a868", "ablation": "#8172b3",
+               "TopK (matched)": "#64b5cd", "JumpReLU": "#c44e52"}
 BETTER_WORDS = ("better than", "worse than", "indistinguishable from")  #: :func:`direction`'s default words
 
 
@@ -676,6 +678,8 @@ def sae_label(name: str, sae: dict[str, Any]) -> str:
         return name.replace("_", " ")
     if kind == "batchtopk":
         return f"BatchTopK k={sae['k']} ({sae['inference']})"
+    if kind == "jumprelu":
+        return f"JumpReLU (target L0 {sae['target_l0']:.1f})"
     return f"{KINDS[kind]} k={sae['k']}"
 
 
@@ -924,7 +928,8 @@ def verdict_sentences(results: dict[str, Any]) -> dict[str, str]:
     frontier = (_summarise(results, ada, "fve", True, "In FVE, AdaptiveK is") + ". "
                 + _summarise(results, ada, "cosine", True, "In cosine similarity it is") + ".")
     ce = (_summarise(results, ada, "ce", False, "In next-token CE, AdaptiveK is") + "."
-          if "ce" in results["vs_topk"][ada[0]] else "Not measured in this run.")
+          if "ce" in results["vs_topk"][ada[0]] else "Measured at every position for the SAEs of the decisive "
+          "comparison (section 11)." if "splice" in results else "Not measured in this run.")
     batchtopk = ("BatchTopK, which adapts the number of latents per input without any probe, is " + "; ".join(
         f"{direction(results['vs_topk'][n]['fve'])} the frontier with its {s['inference']} (k = {s['k']}, mean L0 "
         f"{s['metrics']['l0_mean']:.0f}, ΔFVE {fmt_diff(results['vs_topk'][n]['fve'])})"

@@ -1,4 +1,4 @@
-"""The SAE family: TopK, AdaptiveK (per-sample k from a complexity probe) and BatchTopK, one implementation.
+"""The SAE family: TopK, AdaptiveK (per-sample k from a complexity probe), BatchTopK and JumpReLU, one implementation.
 
 Every SAE shares :class:`SparseAutoencoder` (SAEBench/SAELens layout): pre-activations ``(x - b_dec) @ W_enc
 + b_enc`` (:meth:`~SparseAutoencoder.pre_acts`), of which row ``i`` keeps its ``k_i`` largest positive ones
@@ -9,13 +9,15 @@ A variant is one small class plus its config (:mod:`adaptivek.sae_config`), regi
 ``architecture``; the class gives the rule for k (``_default_k``): fixed (:class:`TopKSAE`),
 ``complexity_to_k(probe.predict(x))`` (:class:`AdaptiveKSAE`, the paper's Eq. 7) or the batch rule
 (:class:`BatchTopKSAE`). A variant with another encoder overrides ``encode_sparse``, one with another
-objective ``loss``. :mod:`adaptivek.fused` holds the fast paths, tested against :func:`variable_topk`.
+objective ``loss``: :class:`JumpReLUSAE` does both (learned per-latent thresholds, an L0 penalty steered to a
+target L0). :mod:`adaptivek.fused` holds the fast paths, tested against :func:`variable_topk`.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
@@ -25,9 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import sae_config
-from .checks import finite_rows
+from .checks import finite_rows, matrix, positive_int
 from .fused import _addmm, _bag, _encode_topk, fused_forward, geometric_median
-from .sae_config import AdaptiveKConfig, BatchTopKConfig, SAEConfig, TopKConfig, dtype_name
+from .sae_config import AdaptiveKConfig, BatchTopKConfig, JumpReLUConfig, SAEConfig, TopKConfig, dtype_name
 
 if TYPE_CHECKING:
     from .training import TrainConfig
@@ -302,10 +304,12 @@ class TopKSAE(SparseAutoencoder, config=TopKConfig):
         return torch.full((len(x),), self.k, device=x.device, dtype=torch.int64)
 
     def export_saelens(self, path: str | os.PathLike, *, model_name: str | None = None,
-                       hook_name: str | None = None) -> Path:
-        """Write the SAELens layout (``cfg.json`` + ``sae_weights.safetensors``, architecture "topk")."""
+                       hook_name: str | None = None, metadata: dict[str, Any] | None = None) -> Path:
+        """Write SAELens' layout (``cfg.json`` + ``sae_weights.safetensors``): architecture "topk" (a frozen
+        BatchTopK: "jumprelu"), read by ``sae_lens.SAE.load_from_disk``; ``metadata`` joins SAELens' own."""
         tensors = {k: v.detach() for k, v in self.state_dict().items()}
-        sae_config.write_saelens(Path(path), self.cfg, tensors, self.dtype, model_name, hook_name)
+        meta = {"model_name": model_name, "hook_name": hook_name, **(metadata or {})}
+        sae_config.write_saelens(Path(path), self.cfg, tensors, self.dtype, meta)
         return Path(path)
 
 
@@ -359,9 +363,14 @@ class AdaptiveKSAE(SparseAutoencoder, config=AdaptiveKConfig):
         self.probe = RidgeProbe.from_tensors(tensors, prefix="probe.") if has else None
         return {k: v for k, v in tensors.items() if not k.startswith("probe.")}
 
-    def export_saelens(self, path: str | os.PathLike, **_: Any) -> Path:
-        raise NotImplementedError("SAELens has no architecture with a per-input k; save an AdaptiveKSAE with "
-                                  ".save(path) and load it with adaptivek.load_sae(path)")
+    def export_saelens(self, path: str | os.PathLike, *, model_name: str | None = None,
+                       hook_name: str | None = None, metadata: dict[str, Any] | None = None) -> Path:
+        """Write SAELens' layout with architecture "adaptivek", probe included. SAELens has no plugin hook:
+        ``sae_lens.SAE.load_from_disk`` reads it once ``adaptivek.interop.register_saelens()`` has run."""
+        tensors = {k: v.detach() for k, v in self.state_dict().items()} | self._extra_tensors()
+        meta = {"model_name": model_name, "hook_name": hook_name, **(metadata or {})}
+        sae_config.write_saelens(Path(path), self.cfg, tensors, self.dtype, meta)
+        return Path(path)
 
 
 class BatchTopKSAE(TopKSAE, config=BatchTopKConfig):
@@ -426,6 +435,287 @@ class BatchTopKSAE(TopKSAE, config=BatchTopKConfig):
         return k
 
 
+# ----------------------------------------------------------------------------- JumpReLU
+class L0TargetWarning(UserWarning):
+    """A JumpReLU SAE whose mean L0 missed its ``target_l0`` by more than ``l0_tolerance``; the message
+    gives the numbers and the fix."""
+
+
+def _window(pre: Tensor, theta: Tensor, eps: float) -> Tensor:
+    """The rectangle kernel ``K((pre - θ) / ε)``: 1 where ``|pre - θ| < ε/2``, else 0 [B, d_sae]."""
+    return ((pre - theta).abs() < eps / 2).to(pre.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """``pre · H(pre - θ)``; backward ``∂/∂pre = H(pre - θ)`` and the straight-through ``∂/∂θ = -(θ/ε) K((pre - θ)/ε)``."""
+
+    @staticmethod
+    def forward(ctx: Any, pre: Tensor, theta: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return pre * (pre > theta)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        pre, theta = ctx.saved_tensors  # θ: [d_sae] beside pre [B, d_sae], or gathered like pre
+        g_theta = (-(theta / ctx.eps) * grad * _window(pre, theta, ctx.eps)).sum_to_size(theta.shape)
+        return grad * (pre > theta), g_theta, None
+
+
+class _Step(torch.autograd.Function):
+    """``H(pre - θ)``; backward: the straight-through ``∂/∂θ = -(1/ε) K((pre - θ)/ε)``, nothing to ``pre``."""
+
+    @staticmethod
+    def forward(ctx: Any, pre: Tensor, theta: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return (pre > theta).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, None]:
+        pre, theta = ctx.saved_tensors
+        return None, (-grad * _window(pre, theta, ctx.eps) / ctx.eps).sum_to_size(theta.shape), None
+
+
+class _GatheredPre(torch.autograd.Function):
+    """Entries ``idx [B, m]`` of the pre-activations ``(x - b_dec) @ W_enc + b_enc``, given their values, with
+    a sparse backward: ∂W_enc, ∂b_enc and ∂b_dec from those entries alone (no dense ``B x d_in x d_sae`` matmul;
+    ``x`` gets no gradient). What :mod:`adaptivek.fused` does for top-k, for any set of entries."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, idx: Tensor,
+                values: Tensor) -> Tensor:
+        ctx.save_for_backward(x, W_enc, b_dec, idx)
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[None, Tensor, Tensor, Tensor, None, None]:
+        x, W_enc, b_dec, idx = ctx.saved_tensors
+        d_sae, (B, m) = W_enc.shape[1], idx.shape
+        lat, g = idx.flatten(), g.flatten().to(W_enc.dtype)  # [B·m]
+        g_b_enc = torch.zeros(d_sae, dtype=W_enc.dtype, device=W_enc.device).index_add_(0, lat, g)
+        order = torch.sort(lat, stable=True).indices  # entries grouped by latent
+        counts = torch.bincount(lat, minlength=d_sae)
+        rows = torch.arange(B, device=idx.device).repeat_interleave(m)[order]
+        g_We = F.embedding_bag(rows, (x - b_dec).to(W_enc.dtype), counts.cumsum(0) - counts, mode="sum",
+                               per_sample_weights=g[order])  # [d_sae, d_in]: Σ_b g[b, j] (x_b - b_dec)
+        return None, g_We.T, g_b_enc, -(W_enc @ g_b_enc), None, None
+
+
+def _compact(f: Tensor) -> SparseCode:
+    """Dense codes ``f [B, d_sae]`` (>= 0) as a SparseCode of each row's nonzeros, largest first (k: its L0)."""
+    l0 = (f > 0).sum(1)
+    acts, idx = f.topk(int(l0.max()) if len(f) else 0, dim=1)  # [B, max L0]
+    return SparseCode(acts, idx, acts > 0, l0)
+
+
+class JumpReLUOutput(NamedTuple("_JumpReLUFields", [*((n, Any) for n in ForwardOutput._fields), ("l0_loss", Any)])):
+    """:class:`ForwardOutput`'s fields, then ``l0_loss``: () the batch's mean L0, whose gradient (the step's
+    straight-through estimator) reaches the thresholds only."""
+
+    __slots__ = ()
+    codes = ForwardOutput.codes
+    l0 = ForwardOutput.l0
+
+
+LAMBDA_RANGE = 1e6
+"""The controller keeps λ within a factor of this of its initial value."""
+L0_EMA_BETA = 0.9
+"""Weight of the old value in ``JumpReLUSAE.l0_ema``, the running mean of the training batches' L0."""
+
+
+class JumpReLUSAE(SparseAutoencoder, config=JumpReLUConfig):
+    """JumpReLU SAE (Rajamanoharan et al. 2024, https://arxiv.org/abs/2407.14435): latent j is active where
+    its pre-activation exceeds its own learned threshold θ_j: ``f = pre · H(pre - θ)``. The parameter is
+    ``scaled_log_threshold = log θ / threshold_speed`` (:attr:`log_threshold` is log θ).
+
+    :meth:`loss` is ``MSE + λ · L0 + auxk_alpha · AuxK`` (the family's per-element MSE and AuxK; no L1: the
+    penalty is L0). The step H has a straight-through gradient for θ only, a rectangle kernel of width
+    ``bandwidth``; the reconstruction reaches θ through the JumpReLU's. Decoder rows stay unit norm as in the
+    family (L0 does not depend on their scale, so the paper's norm-in-penalty variant would change nothing).
+    With ``target_l0`` every training batch steps λ by a controller (:meth:`step_controller`), so one run
+    lands at a chosen L0; leaving training mode warns (:class:`L0TargetWarning`) when the last batches missed
+    it, and :meth:`l0_gap` checks other rows (held-out L0 can exceed training's). There is no k: passing one
+    is an error. ``train_sae(sae, X, cfg=...)`` trains it unchanged: it calls ``forward`` and :meth:`loss`."""
+
+    def __init__(self, d_in: int, d_sae: int, *, target_l0: float | None = None, bandwidth: float = 0.2,
+                 init_threshold: float | None = None, threshold_speed: float = 30.0,
+                 l0_coefficient: float | None = None, controller_rate: float = 0.1, controller_gain: float = 3.0,
+                 l0_tolerance: float = 0.1, seed: int | None = None, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device | None = None) -> None:
+        cfg = JumpReLUConfig(d_in, d_sae, target_l0=target_l0, bandwidth=bandwidth, init_threshold=init_threshold,
+                             threshold_speed=threshold_speed, l0_coefficient=l0_coefficient,
+                             controller_rate=controller_rate, controller_gain=controller_gain,
+                             l0_tolerance=l0_tolerance, dtype=dtype_name(dtype))
+        super().__init__(cfg, seed=seed, device=device)
+        theta = init_threshold if init_threshold is not None else bandwidth  # with target_l0: until the first batch
+        log_theta = torch.full((d_sae,), math.log(theta) / threshold_speed, device=device, dtype=self.dtype)
+        self.scaled_log_threshold = nn.Parameter(log_theta)  # [d_sae] log θ / threshold_speed
+        f64 = {"dtype": torch.float64, "device": device}
+        self.register_buffer("lambda_integral", torch.tensor(self.initial_lambda, **f64))  # the controller's λ_I
+        self.register_buffer("l0_ema", torch.tensor(math.nan, **f64))  # running mean of the training batches' L0
+        self.register_buffer("threshold_ready", torch.tensor(init_threshold is not None or target_l0 is None,
+                                                             device=device))
+        self._controlled_steps = 0  # loss() calls in training mode since the last check
+
+    @property
+    def log_threshold(self) -> Tensor:
+        """log θ [d_sae] = ``threshold_speed · scaled_log_threshold``, whose gradient reaches the parameter
+        unscaled (so gradient clipping sees the gradient of log θ itself)."""
+        u = self.scaled_log_threshold
+        return u + (self.threshold_speed - 1) * u.detach()
+
+    threshold = property(lambda self: self.log_threshold.detach().exp(), doc="θ [d_sae], the thresholds.")
+    initial_lambda = property(lambda self: self.l0_coefficient if self.l0_coefficient is not None
+                              else 1 / self.d_in, doc="λ at the start (``l0_coefficient``, default 1/d_in).")
+
+    @property
+    def l0_lambda(self) -> float:
+        """λ now: ``λ_I · exp(κ · e)`` with ``e = clamp(l0_ema / target_l0 - 1, -1, 1)`` (λ_I alone without a
+        target or before the first training batch)."""
+        lam, e = float(self.lambda_integral), self._l0_error()
+        return lam if e is None else lam * math.exp(self.controller_gain * e)
+
+    def _l0_error(self) -> float | None:
+        """``clamp(l0_ema / target_l0 - 1, -1, 1)``, or None without a target or a training batch yet."""
+        ema, t = float(self.l0_ema), self.target_l0
+        return None if t is None or not math.isfinite(ema) else min(1.0, max(-1.0, ema / t - 1))
+
+    def _no_k(self, k: Any, name: str = "k") -> None:
+        if k is not None:
+            raise TypeError(f"JumpReLUSAE has no {name}: each latent fires above its learned threshold; call it "
+                            f"without {name} (to match another SAE's L0, build it with target_l0=that L0)")
+
+    def encode_sparse(self, x: Tensor, k: None = None) -> SparseCode:
+        """Each row's active latents, largest first, as a :class:`SparseCode` whose ``k`` is the row's L0."""
+        return _compact(self.encode(x, k))
+
+    def encode(self, x: Tensor, k: None = None) -> Tensor:
+        """Dense codes ``pre · H(pre - θ)`` [B, d_sae]."""
+        self._no_k(k)
+        return _JumpReLU.apply(self.pre_acts(x), self.log_threshold.exp(), self.bandwidth)
+
+    def forward(self, x: Tensor, k: None = None, *, dead_mask: Tensor | None = None, k_aux: int | None = None,
+                k_soft: None = None, k_temperature: float = 1.0) -> JumpReLUOutput:
+        """Encode ``x [B, d_in]``, decode and the losses (AuxK as in the family); in training mode a first batch
+        sets θ if ``init_threshold`` is None. The decode is sparse: it sums the active latents and, with weight 0,
+        those in the window just below θ, whose ∂L/∂f the straight-through gradient of θ needs (as a dense
+        ``f @ W_dec`` would give, at a fraction of its cost)."""
+        self._no_k(k)
+        self._no_k(k_soft, "k_soft")
+        x = self._check_x(x)
+        if len(x) == 0:
+            raise ValueError("x has no rows: forward's training losses need one (encode and decode take an empty batch)")
+        if self.training and not bool(self.threshold_ready):
+            self.init_thresholds(x)
+        theta, eps = self.log_threshold.exp(), self.bandwidth
+        with torch.no_grad():
+            pre = self.pre_acts(x)  # [B, d_sae]; gradients go through _GatheredPre's entries only
+            score = pre - theta  # > -ε/2: active, or in the window below θ
+            idx = score.topk(max(1, int((score > -eps / 2).sum(1).max())), dim=1).indices  # [B, m]
+        pre_m = _GatheredPre.apply(x, self.W_enc, self.b_enc, self.b_dec, idx, pre.gather(1, idx))  # [B, m]
+        theta_m = theta[idx]
+        acts = _JumpReLU.apply(pre_m, theta_m, eps)  # [B, m]: 0 below θ (their gradient still reaches θ)
+        x_hat = self.decode_sparse(acts, idx)  # every entry summed: gradients reach the zeros
+        k_aux = self.d_in // 2 if k_aux is None else k_aux
+        dead_idx = self._dead_idx(dead_mask, k_aux)
+        aux_hat = None if dead_idx is None else self._sparse_aux_hat(x, pre, dead_idx, k_aux)
+        top, order = acts.detach().sort(dim=1, descending=True)
+        out = self._losses(x, x_hat, top, idx.gather(1, order), (top > 0).sum(1), aux_hat)
+        return JumpReLUOutput(*out, _Step.apply(pre_m, theta_m, eps).sum(1).mean())
+
+    def _sparse_aux_hat(self, x: Tensor, pre: Tensor, dead_idx: Tensor, k_aux: int) -> Tensor:
+        """:meth:`_aux_hat` (the family's AuxK decode) with gradients through :class:`_GatheredPre`."""
+        vals, pos = pre.index_select(1, dead_idx).topk(min(k_aux, dead_idx.numel()), dim=1, sorted=False)
+        idx = dead_idx[pos]  # [B, k_aux] latents
+        aux = _GatheredPre.apply(x, self.W_enc, self.b_enc, self.b_dec, idx, vals).relu()
+        return F.embedding_bag(idx, self.W_dec, mode="sum", per_sample_weights=aux)
+
+    @torch.no_grad()
+    def init_thresholds(self, x: Tensor, l0: float | None = None) -> None:
+        """Set θ from a batch ``x`` so that its mean L0 is ``l0`` (default ``target_l0``): θ_j = mean_j + c·std_j
+        of latent j's pre-activations, one c for all (BatchTopK's batch rule, per latent), floored at ``bandwidth``."""
+        l0 = self.target_l0 if l0 is None else l0
+        if l0 is None or len(x) < 2:
+            raise ValueError(f"init_thresholds needs l0 (or target_l0) and at least 2 rows, got l0={l0}, {len(x)} "
+                             f"row(s); give init_threshold=... or train with batches of 2 rows or more")
+        pre = self.pre_acts(x)
+        mean, std = pre.mean(0), pre.std(0).clamp_min(torch.finfo(pre.dtype).tiny)
+        z = ((pre - mean) / std).flatten()  # [B·d_sae] standardised pre-activations
+        n = min(max(1, round(l0 * len(x))), z.numel() - 1)
+        c = z.topk(n + 1).values[-2:].mean()  # between the n-th and (n+1)-th largest
+        self.scaled_log_threshold.copy_((mean + c * std).clamp_min(self.bandwidth).log() / self.threshold_speed)
+        self.threshold_ready.fill_(True)
+
+    @torch.no_grad()
+    def step_controller(self, l0: float) -> float:
+        """One step from a training batch's mean L0 ``l0``; returns the new λ (:attr:`l0_lambda`).
+
+        A PI controller on log λ: the running mean ``l0_ema`` takes ``l0`` (weight 1 - :data:`L0_EMA_BETA`),
+        ``e = clamp(l0_ema / target_l0 - 1, -1, 1)``, the integral ``λ_I ← λ_I · exp(η e)`` (η:
+        ``controller_rate``; λ_I kept within a factor :data:`LAMBDA_RANGE` of the initial λ) and λ = ``λ_I ·
+        exp(κ e)`` (κ: ``controller_gain``), which reacts at once. Anti-wind-up: λ_I holds while ``l0_ema``
+        already moves toward the target, so early steps, where the dictionary rather than λ moves L0, do not
+        push it far off. Without a target only ``l0_ema`` moves."""
+        old = float(self.l0_ema)
+        new = l0 if not math.isfinite(old) else L0_EMA_BETA * old + (1 - L0_EMA_BETA) * l0
+        self.l0_ema.fill_(new)
+        e = self._l0_error()
+        if e is not None and not (math.isfinite(old) and (new - old) * (new - self.target_l0) < 0):
+            lam0 = self.initial_lambda
+            self.lambda_integral.mul_(math.exp(self.controller_rate * e)).clamp_(lam0 / LAMBDA_RANGE,
+                                                                                 lam0 * LAMBDA_RANGE)
+        return self.l0_lambda
+
+    def loss(self, out: JumpReLUOutput, cfg: TrainConfig) -> Tensor:
+        """``MSE + λ · l0_loss + auxk_alpha · AuxK`` at the current λ (``cfg.l1_weight`` does not apply). In
+        training mode it then steps the controller on the batch's L0: once per call, as ``train_sae`` makes."""
+        total = out.mse + self.l0_lambda * out.l0_loss + cfg.auxk_alpha * out.auxk_loss
+        if self.training:
+            self.step_controller(float(out.k.double().mean()))
+            self._controlled_steps += 1
+        return total
+
+    def train(self, mode: bool = True) -> JumpReLUSAE:
+        """Set the mode; leaving training mode after training steps warns when their L0 missed the target."""
+        leaving = self.training and not mode
+        super().train(mode)
+        if leaving and self._controlled_steps > 0:
+            self._controlled_steps = 0
+            if self.target_l0 is not None and math.isfinite(float(self.l0_ema)):
+                self._check_l0(float(self.l0_ema), self.target_l0, "the last training batches (running mean)",
+                               stacklevel=5)  # the caller of train_sae, which calls eval()
+        return self
+
+    def _check_l0(self, l0: float, target: float, where: str, stacklevel: int) -> dict[str, Any]:
+        """The gap of ``l0`` to ``target``; an :class:`L0TargetWarning` with the numbers and the fix if too large."""
+        gap, tol, lam = l0 / target - 1, self.l0_tolerance, self.l0_lambda
+        within = abs(gap) <= tol
+        if not within:
+            bound = not 1 / LAMBDA_RANGE < float(self.lambda_integral) / self.initial_lambda < LAMBDA_RANGE
+            at_bound = f", at its bound: no λ within {LAMBDA_RANGE:g}x of l0_coefficient reaches the target"
+            warnings.warn(
+                f"JumpReLUSAE: mean L0 on {where} is {l0:.2f}, target {target:g} ({gap:+.1%}; tolerance ±{tol:.0%}). "
+                f"λ is {lam:.3g} (started at {self.initial_lambda:.3g}{at_bound if bound else ''}). Fix: train "
+                f"longer (steps=), raise controller_rate (now {self.controller_rate:g}) or lr; on held-out rows, "
+                f"a gap that training did not have means the thresholds do not transfer", L0TargetWarning,
+                stacklevel=stacklevel)
+        return {"l0": l0, "target": float(target), "gap": gap, "tolerance": tol, "within": within}
+
+    @torch.no_grad()
+    def l0_gap(self, X: Tensor, *, target: float | None = None, batch_size: int = 4096) -> dict[str, Any]:
+        """Mean L0 on ``X [n, d_in]`` against ``target`` (default ``target_l0``, e.g. AdaptiveK's realised mean
+        L0): ``{"l0", "target", "gap": l0/target - 1, "tolerance", "within"}``; warns when ``|gap| > l0_tolerance``."""
+        t = self.target_l0 if target is None else target
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t > 0):
+            raise ValueError(f"l0_gap needs a target L0 > 0: pass target=... (e.g. AdaptiveK's realised mean L0) or "
+                             f"build the SAE with target_l0; got {t!r}")
+        X = matrix(X, "X", d=self.d_in)
+        positive_int(batch_size, "batch_size")
+        active = sum(int((self.encode(xb.to(self.device)) > 0).sum()) for xb in X.split(batch_size))
+        return self._check_l0(active / len(X), t, f"{len(X)} rows", stacklevel=4)  # past torch.no_grad's wrapper
+
+
 def load_sae(path: str | os.PathLike, *, device: str | torch.device | None = None) -> SparseAutoencoder:
     """Restore an SAE written by ``save(path)`` (probe included; format 1 too) as the class registered for
     its architecture (whose module must have been imported), in eval mode. A truncated or edited file is a
@@ -445,5 +735,5 @@ def load_sae(path: str | os.PathLike, *, device: str | torch.device | None = Non
     return (sae.to(device) if device is not None else sae).eval()
 
 
-__all__ = ["SparseAutoencoder", "TopKSAE", "AdaptiveKSAE", "BatchTopKSAE", "SparseCode", "ForwardOutput",
-           "variable_topk", "load_sae"]  # the configs: adaptivek.sae_config (importable from here too)
+__all__ = ["SparseAutoencoder", "TopKSAE", "AdaptiveKSAE", "BatchTopKSAE", "JumpReLUSAE", "SparseCode", "ForwardOutput",
+           "JumpReLUOutput", "L0TargetWarning", "variable_topk", "load_sae"]  # the configs: adaptivek.sae_config (importable from here too)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
+from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -118,6 +120,71 @@ class BatchTopKConfig(TopKConfig):
             raise ValueError(f"threshold_beta must be in [0, 1), got {self.threshold_beta}")
 
 
+@dataclass(frozen=True)
+class JumpReLUConfig(SAEConfig):
+    """JumpReLU (Rajamanoharan et al. 2024, https://arxiv.org/abs/2407.14435): per-latent learned thresholds,
+    objective ``MSE + λ · L0`` through straight-through estimators, λ steered to ``target_l0`` when given."""
+
+    architecture: ClassVar[str] = "jumprelu"
+    target_l0: float | None = None
+    """Mean active latents per row to land at: λ then follows a controller on the training batches' L0
+    (``controller_rate``, ``controller_gain``). None: λ stays ``l0_coefficient`` (the paper's fixed penalty)."""
+    bandwidth: float = 0.2
+    """ε, width of the rectangle kernel of the straight-through estimators, in pre-activation units, which are
+    O(1) on activations scaled to E‖x‖² = d_in (the paper's ε = 0.001 is for its own scale and 100k+ steps).
+    A few hundred steps need rows in each θ's window: 0.2 landed closer to the target than 0.05 or 0.1, with
+    fewer dead latents and the same FVE (tests/test_jumprelu.py's data; 20k SmolLM2 tokens)."""
+    init_threshold: float | None = None
+    """θ at the start. None: with ``target_l0``, set from the first training batch
+    (``JumpReLUSAE.init_thresholds``) so that L0 starts at the target; without, ``bandwidth`` (the paper
+    starts θ and ε equal, small: about half the latents fire and L0 comes down). Starting at the target gave
+    0.66 held-out FVE at L0 ≈ 20 (SmolLM2, 400 steps) against 0.55 when coming down from half the latents."""
+    threshold_speed: float = 30.0
+    """s in ``θ = exp(s · scaled_log_threshold)``. Adam and sign-SGD move a parameter by about ``lr`` a step
+    whatever its gradient's scale, so log θ moves ``s · lr`` (3 % a step at lr 1e-3): fast enough for thresholds
+    to follow the encoder's scale in a few hundred steps (s = 1 gives 0.1 %, which the paper's 100k+ steps allow)."""
+    l0_coefficient: float | None = None
+    """λ at the start. None: ``1 / d_in``, where the reconstruction's pull on a threshold θ ≈ 0.7 (about 2θ²/d_in
+    for O(1) pre-activations) balances the penalty's."""
+    controller_rate: float = 0.1
+    """η, the controller's integral rate: after each training batch ``λ_I ← λ_I · exp(η · e)`` with ``e =
+    clamp(L0/target_l0 - 1, -1, 1)`` of the batches' running mean L0 (``JumpReLUSAE.step_controller``)."""
+    controller_gain: float = 3.0
+    """κ, its proportional gain: the loss uses ``λ = λ_I · exp(κ · e)``, which reacts at once (0 with η = 0: λ fixed)."""
+    l0_tolerance: float = 0.1
+    """Relative gap ``|L0/target_l0 - 1|`` beyond which the end of training and ``l0_gap`` warn."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        t = self.target_l0
+        if t is not None and not (_real(t) and 0 < t < self.d_sae):
+            raise ValueError(f"target_l0 must be a number in (0, d_sae={self.d_sae}), got {t!r}: pass the L0 to match "
+                             f"(e.g. AdaptiveK's realised mean L0, evaluate(...)['l0_mean']), or None for a fixed λ")
+        if not (_real(self.bandwidth) and self.bandwidth > 0):
+            raise ValueError(f"bandwidth must be a finite number > 0 (the straight-through window in pre-activation "
+                             f"units), got {self.bandwidth!r}; the default 0.2 suits activations with E‖x‖² = d_in")
+        for name in ("init_threshold", "l0_coefficient"):
+            v = getattr(self, name)
+            if v is not None and not (_real(v) and v > 0):
+                raise ValueError(f"{name} must be a finite number > 0 or None (the default), got {v!r}"
+                                 + ("; thresholds are positive (stored as log θ)" if name == "init_threshold" else ""))
+        if not (_real(self.threshold_speed) and self.threshold_speed > 0):
+            raise ValueError(f"threshold_speed must be a finite number > 0 (1: log θ is the parameter; default 30), "
+                             f"got {self.threshold_speed!r}")
+        for name, default in (("controller_rate", 0.1), ("controller_gain", 3.0)):
+            if not (_real(getattr(self, name)) and 0 <= getattr(self, name) <= 10):
+                raise ValueError(f"{name} must be a number in [0, 10] (the default is {default}; 0 with both: λ "
+                                 f"fixed), got {getattr(self, name)!r}")
+        if not (_real(self.l0_tolerance) and self.l0_tolerance > 0):
+            raise ValueError(f"l0_tolerance must be a finite number > 0 (relative gap, e.g. 0.1), got "
+                             f"{self.l0_tolerance!r}")
+
+
+def _real(v: Any) -> bool:
+    """A finite int or float (bools refused)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 # ----------------------------------------------------------------------------- registry
 _REGISTRY: dict[str, type] = {}
 
@@ -146,35 +213,109 @@ def write_saved(path: Path, cfg: SAEConfig, tensors: dict[str, Any], dtype: torc
                                  **asdict(cfg), "dtype": dtype_name(dtype)})
 
 
-def write_saelens(path: Path, cfg: TopKConfig, tensors: dict[str, Any], dtype: torch.dtype,
-                  model_name: str | None, hook_name: str | None) -> None:
-    """SAELens' layout of a TopK SAE: ``cfg.json`` + ``sae_weights.safetensors``, architecture "topk".
+SAELENS_FORMAT = "6.54.12"
+"""The SAELens version whose ``cfg.json`` layout the exports follow (tested against it). SAELens 6.x reads a
+``cfg.json`` without ``sae_lens_version`` as pre-6.0 and drops its ``metadata`` (model_name, hook_name)."""
 
-    Refuses a folder whose ``cfg.json`` or weights were not written by this function (a sparsify SAE, a
-    format-1 save, another tool's export): exporting there would overwrite them.
-    """
-    _refuse_foreign(path)
+
+def write_saelens(path: Path, cfg: SAEConfig, tensors: dict[str, Any], dtype: torch.dtype,
+                  metadata: dict[str, Any]) -> None:
+    """SAELens' layout: ``cfg.json`` + ``sae_weights.safetensors``, architecture "topk", "adaptivek" (probe
+    included; SAELens loads it once ``adaptivek.interop.register_saelens()`` ran) or "jumprelu" (a JumpReLU or
+    a frozen BatchTopK); ``metadata["adaptivek"]`` keeps the config for ``adaptivek.interop.from_saelens``.
+
+    ``metadata`` (model_name, hook_name, ...) lands in SAELens' ``cfg.metadata``. Refuses a folder whose
+    ``cfg.json`` or weights this function did not write (a sparsify SAE, another tool's export): exporting
+    there would overwrite them."""
+    fields_, tensors, extra = _saelens_fields(cfg, tensors)
+    refuse_foreign(path, ("cfg.json", "sae_weights.safetensors"), "export_saelens", _our_saelens)
     save_tensors(path / "sae_weights.safetensors", tensors)
     write_json(path / "cfg.json", {
-        "architecture": "topk", "d_in": cfg.d_in, "d_sae": cfg.d_sae, "k": cfg.k, "dtype": dtype_name(dtype),
-        "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
-        "reshape_activations": "none", "rescale_acts_by_decoder_norm": False,
-        "metadata": {"model_name": model_name, "hook_name": hook_name, "exported_by": "adaptivek"}})
+        **fields_, "d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": dtype_name(dtype), "device": "cpu",
+        "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
+        "metadata": {"sae_lens_version": SAELENS_FORMAT, "sae_lens_training_version": None, **metadata,
+                     "exported_by": "adaptivek", **extra}})
 
 
-def _refuse_foreign(path: Path) -> None:
-    """A FileExistsError when an export into ``path`` would overwrite a file that another writer made."""
-    cfg, weights = path / "cfg.json", path / "sae_weights.safetensors"
-    ours = False
-    if cfg.is_file():
-        try:
-            ours = json.loads(cfg.read_bytes()).get("metadata", {}).get("exported_by") == "adaptivek"
-        except (ValueError, AttributeError):  # not JSON, or not an object: not ours
-            ours = False
-    if (cfg.is_file() or weights.is_file()) and not ours:
-        raise FileExistsError(f"{path} already holds a cfg.json or sae_weights.safetensors that export_saelens did "
-                              f"not write (a sparsify SAE, a format-1 save, another export); exporting there would "
-                              f"overwrite it: export into another folder")
+def _saelens_fields(cfg: SAEConfig, tensors: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict]:
+    """SAELens' architecture fields, the tensors to write, and metadata that restores the exact config."""
+    base = {k: tensors[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    ours = {"adaptivek": {"architecture": cfg.architecture, **asdict(cfg)}}
+    if cfg.architecture == "topk":
+        return {"architecture": "topk", "k": cfg.k, "rescale_acts_by_decoder_norm": False}, base, ours
+    if cfg.architecture == "adaptivek":
+        how = "pip install adaptivek, then adaptivek.interop.register_saelens() before SAE.load_from_disk"
+        return {"architecture": "adaptivek", **asdict(cfg)}, base | _probe_tensors(tensors), ours | {"load_with": how}
+    if cfg.architecture == "batchtopk":
+        if not bool(tensors["frozen"]):
+            raise ValueError("this BatchTopKSAE is not frozen: its k depends on the batch, which no other tool "
+                             "reproduces; call sae.freeze(X_train) first (it exports as SAELens 'jumprelu' with "
+                             "the calibrated threshold)")
+        threshold = tensors["threshold"].detach().expand(cfg.d_sae).clone()  # [d_sae], one value
+        return {"architecture": "jumprelu"}, base | {"threshold": threshold}, ours
+    if cfg.architecture == "jumprelu":  # f = pre · H(pre - θ) with θ > 0 = SAELens' relu(pre) · H(pre - θ)
+        return {"architecture": "jumprelu"}, base | {"threshold": tensors["threshold"]}, ours  # θ [d_sae]
+    raise ValueError(f"no SAELens export for architecture {cfg.architecture!r}; exported: 'topk', 'adaptivek', "
+                     f"'jumprelu' and a frozen 'batchtopk' (as 'jumprelu'). Save it with sae.save(path) instead")
+
+
+def _probe_tensors(tensors: dict[str, Any]) -> dict[str, Any]:
+    """An AdaptiveK SAE's ``probe.*`` tensors; a ValueError without them, a warning where SAELens loses precision."""
+    probe = {k: v for k, v in tensors.items() if k.startswith("probe.")}
+    if not probe:
+        raise ValueError("this AdaptiveKSAE has no fitted probe, so SAELens could not choose its per-input k: "
+                         "train it with train_sae(sae, X, y) or pass a fitted RidgeProbe before exporting")
+    if dtype_name(tensors["W_enc"].dtype) not in ("float32", "float64"):
+        warnings.warn(f"SAELens casts every saved tensor to the SAE's dtype, the probe too: in "
+                      f"{dtype_name(tensors['W_enc'].dtype)} a row near a k boundary may get another k there; "
+                      f"export a float32 copy (sae.float()) for the same k", UserWarning, stacklevel=4)
+    return probe
+
+
+def _our_saelens(path: Path) -> bool:
+    cfg = json.loads((path / "cfg.json").read_bytes())
+    return isinstance(cfg, dict) and isinstance(cfg.get("metadata"), dict) and \
+        cfg["metadata"].get("exported_by") == "adaptivek"
+
+
+def refuse_foreign(path: Path, names: tuple[str, ...], writer: str, ours: Callable[[Path], bool]) -> None:
+    """A FileExistsError when writing ``names`` into ``path`` would overwrite files that ``writer`` did not
+    write, as ``ours(path)`` judges (an unreadable file is not ours)."""
+    present = [n for n in names if (path / n).exists()]
+    if not present:
+        return
+    try:
+        mine = all((path / n).is_file() for n in present) and ours(path)
+    except Exception:  # not JSON, not safetensors, missing: not ours (safetensors raises its own error type)
+        mine = False
+    if not mine:
+        what = folder_format(path) or "files of another tool"
+        raise FileExistsError(f"{path} already holds a {' and a '.join(present)} that {writer} did not write "
+                              f"({what.split(':')[0]}); exporting there would overwrite it: export into "
+                              f"another folder")
+
+
+def folder_format(path: Path, *, nested: bool = True) -> str | None:
+    """What an SAE folder holds and how to load it, in words (None: nothing known); ``nested``: also look one
+    level down (sparsify keeps one folder per hookpoint)."""
+    has = {p.name for p in path.iterdir()} if path.is_dir() else set()
+    if {CFG_FILE, WEIGHTS_FILE} <= has:
+        return "an adaptivek save: load it with adaptivek.load_sae(path)"
+    if has & {CFG_FILE, WEIGHTS_FILE}:
+        return f"an incomplete adaptivek save ({' '.join(sorted(has & {CFG_FILE, WEIGHTS_FILE}))} alone): save it again"
+    if {"cfg.json", "sae_weights.safetensors"} <= has:
+        return ("a SAELens export (cfg.json + sae_weights.safetensors): import it with "
+                "adaptivek.interop.from_saelens(path), or load it with sae_lens.SAE.load_from_disk(path)")
+    if {"cfg.json", "sae.safetensors"} <= has:
+        if b"format_version" in (path / "cfg.json").read_bytes():
+            return "an adaptivek save of format 1: load it with adaptivek.load_sae(path)"
+        return ("a sparsify SAE (cfg.json + sae.safetensors): import it with adaptivek.interop.from_sparsify(path), "
+                "or load it with sparsify.SparseCoder.load_from_disk(path)")
+    inner = sorted(p.name for p in path.iterdir() if p.is_dir() and folder_format(p, nested=False)) \
+        if nested and path.is_dir() else []
+    if inner:
+        return f"one SAE per sub-folder ({', '.join(inner[:6])}{', ...' if len(inner) > 6 else ''}): pass one of them"
+    return None
 
 
 _FORMAT1_ARCHITECTURES = {"TopKSAE": "topk", "AdaptiveKSAE": "adaptivek"}
@@ -219,11 +360,8 @@ def read_saved(path: Path) -> tuple[dict[str, Any], Path, Path]:
             raise ValueError(f"{path / 'cfg.json'} describes a {cfg.get('class')!r} of format_version "
                              f"{cfg.get('format_version')!r}; format 1 is read for {sorted(_FORMAT1_ARCHITECTURES)}")
         return cfg | {"architecture": _FORMAT1_ARCHITECTURES[cfg["class"]]}, path / "cfg.json", path / "sae.safetensors"
-    found = ""
-    if (path / "sae_weights.safetensors").is_file():
-        found = "; this folder holds a SAELens export (read it with sae_lens.SAE.load_from_disk)"
-    elif has_cfg and (path / "sae.safetensors").is_file():
-        found = "; this folder holds a sparsify SAE (read it with sparsify.SparseCoder.load_from_disk)"
+    found = folder_format(path)
+    found = f"; this folder holds {found}" if found else "" if path.is_dir() else "; the folder does not exist"
     raise FileNotFoundError(f"no saved SAE in {path}: expected {CFG_FILE} and {WEIGHTS_FILE} (written by "
                             f"sae.save(path)){found}")
 
@@ -262,7 +400,7 @@ def check_state(state: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]
                          f"different saves or were edited; save the SAE again")
     return tensors
 
-__all__ = ["SAEConfig", "TopKConfig", "AdaptiveKConfig", "BatchTopKConfig", "read_saved", "write_saved",
+__all__ = ["SAEConfig", "TopKConfig", "AdaptiveKConfig", "BatchTopKConfig", "JumpReLUConfig", "read_saved", "write_saved",
            "read_json", "read_weights",
            "register", "registered",
-           "write_saelens", "dtype_name", "check_k", "FORMAT_VERSION", "CFG_FILE", "WEIGHTS_FILE"]
+           "write_saelens", "refuse_foreign", "folder_format", "SAELENS_FORMAT", "dtype_name", "check_k", "FORMAT_VERSION", "CFG_FILE", "WEIGHTS_FILE"]

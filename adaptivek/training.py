@@ -49,6 +49,7 @@ import torch
 
 from .checks import finite_rows
 from .io import atomic_path
+from .optim import averaged, default_lr, make_adam, make_optimizer, resumed, to_eval
 from .sae import AdaptiveKSAE, SparseAutoencoder
 
 
@@ -71,8 +72,13 @@ class TrainConfig:
     """Passes over X when ``steps`` is None (reference: 15 epochs of 250k contexts = 1,831 steps)."""
     batch_size: int = 2048
     """Vectors per step (reference 2048)."""
-    lr: float = 1e-3
-    """Adam learning rate of the SAE (reference 1e-3, default betas)."""
+    optimizer: Literal["adam", "signum"] = "adam"
+    """How the SAE's weights move (:mod:`adaptivek.optim`). "adam": the reference's Adam with warm-up and
+    linear decay. "signum": EleutherAI sparsify's sign-SGD with a schedule-free average (constant rate, no
+    warm-up or decay, decoder normalised once), which the book measures against Adam on the same tokens."""
+    lr: float | None = None
+    """Learning rate of the SAE. None: the optimiser's default, Adam 1e-3 (reference, default betas) or
+    sign-SGD ``5e-3 / sqrt(d_sae / 2**14)`` (sparsify's)."""
     warmup_steps: int = 15
     """Linear warm-up steps (reference 15 for AdaptiveK)."""
     decay_start: float = 0.8
@@ -154,7 +160,7 @@ class TrainConfig:
                 raise bad(name, "must be an int")
         if self.warmup_steps < 0:
             raise bad("warmup_steps", "must be >= 0")
-        for name in ("epochs", "lr", "probe_lr", "k_temperature"):
+        for name in ("epochs", "probe_lr", "k_temperature") + (("lr",) if self.lr is not None else ()):
             if not (math.isfinite(number(name)) and getattr(self, name) > 0):
                 raise bad(name, "must be a finite number > 0 (inf or NaN would train to NaN weights)")
         if not number("grad_clip") > 0:
@@ -183,23 +189,21 @@ class TrainConfig:
             raise bad("init_b_dec", "must be 'geometric_median', 'mean' or 'none'")
         if self.unlabelled not in ("error", "reconstruct_only"):
             raise bad("unlabelled", "must be 'error' (NaN labels refused) or 'reconstruct_only'")
+        if self.optimizer not in ("adam", "signum"):
+            raise bad("optimizer", "must be 'adam' (the reference's) or 'signum' (sparsify's sign-SGD)")
         if self.autocast not in (None, "bfloat16"):
             raise bad("autocast", "must be None (full precision) or 'bfloat16'")
         if self.k_aux is not None and (isinstance(self.k_aux, bool) or not isinstance(self.k_aux, int)
                                        or self.k_aux < 0):
             raise bad("k_aux", "must be a non-negative int or None (d_in // 2)")
 
+    def sae_lr(self, d_sae: int) -> float:
+        """The SAE's learning rate: ``lr``, or the optimiser's default for ``d_sae`` latents."""
+        return self.lr if self.lr is not None else default_lr(self.optimizer, d_sae)
+
     def total_steps(self, n: int) -> int:
         """T for a training set of ``n`` vectors."""
         return self.steps if self.steps is not None else max(1, int(n * self.epochs) // self.batch_size)
-
-
-def make_adam(params: list[torch.Tensor], lr: float) -> torch.optim.Adam:
-    """Adam with default betas; the fused single-pass kernel where the device and dtype support it."""
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except (RuntimeError, ValueError):
-        return torch.optim.Adam(params, lr=lr)
 
 
 def lr_factor(step: int, total: int, warmup: int, decay_start: float) -> float:
@@ -458,6 +462,7 @@ def _resume(run: _Run, sae: SparseAutoencoder, ckpt: Path, fingerprint: dict[str
         sae._load_extra(state["extra"])
         sae.load_state_dict(state["sae"])
         run.opt.load_state_dict(state["opt"])
+        resumed(run.opt)
         run.since_fired.copy_(state["since_fired"])
         run.joint = JointProbe.from_state(state["joint"], cfg) if state["joint"] is not None else None
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
@@ -513,7 +518,7 @@ def _fingerprint(sae: SparseAutoencoder, cfg: TrainConfig, X: torch.Tensor, y: t
 def _start(sae: SparseAutoencoder, X: torch.Tensor, y: torch.Tensor | None, cfg: TrainConfig,
            ckpt: Path | None, fingerprint: dict[str, Any] | None) -> _Run:
     """A fresh run (after AdaptiveK's phase 1) or the resumed one of ``ckpt``."""
-    run = _Run(make_adam(list(sae.parameters()), cfg.lr), torch.zeros(sae.d_sae, dtype=torch.long, device=sae.device))
+    run = _Run(make_optimizer(cfg.optimizer, list(sae.parameters()), cfg.sae_lr(sae.d_sae)), torch.zeros(sae.d_sae, dtype=torch.long, device=sae.device))
     if ckpt is not None and fingerprint is not None and ckpt.is_file():
         _resume(run, sae, ckpt, fingerprint, cfg)
     elif isinstance(sae, AdaptiveKSAE):
@@ -554,10 +559,18 @@ def _diverged(s: int, what: str, sae: SparseAutoencoder, xb: torch.Tensor, cfg: 
     """The error that stops a run whose loss or weights stopped being finite, with the likely causes."""
     finite = all(bool(torch.isfinite(p).all()) for p in sae.parameters())
     return FloatingPointError(
-        f"training diverged at step {s + 1}: {what}. Likely causes: a learning rate too high (lr={cfg.lr:g}, "
+        f"training diverged at step {s + 1}: {what}. Likely causes: a learning rate too high (lr={cfg.sae_lr(sae.d_sae):g}, "
         f"probe_lr={cfg.probe_lr:g}; try 10x lower) or extreme values in X (largest |x| in this batch: "
         f"{float(xb.abs().max()):.3g}; rescale X). The SAE's weights are "
         f"{'still finite' if finite else 'no longer finite'}; the last checkpoint, if any, predates this step")
+
+
+def _set_lr(opt: Any, cfg: TrainConfig, base_lr: float, s: int, T: int) -> float:
+    """Step ``s``'s learning rate, set in ``opt``: Adam's schedule, or sign-SGD's constant rate."""
+    lr = base_lr * (lr_factor(s, T, cfg.warmup_steps, cfg.decay_start) if cfg.optimizer == "adam" else 1.0)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    return lr
 
 
 def _step(sae: SparseAutoencoder, run: _Run, xb: torch.Tensor, yb: torch.Tensor | None, kb: torch.Tensor | None,
@@ -585,7 +598,8 @@ def _step(sae: SparseAutoencoder, run: _Run, xb: torch.Tensor, yb: torch.Tensor 
     sae.remove_gradient_parallel_to_decoder_directions()
     grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
     run.opt.step()
-    sae.set_decoder_norm_to_unit_norm()
+    if cfg.optimizer == "adam":  # sign-SGD's average would drift off its bookkeeping (adaptivek.optim)
+        sae.set_decoder_norm_to_unit_norm()
     if terms is not None:
         run.joint.step(terms.loss.item(), float(probe_lr), cfg)
     with torch.no_grad():  # dead-latent bookkeeping on the latents that really fired
@@ -667,7 +681,7 @@ def train_sae(sae: SparseAutoencoder, X: torch.Tensor, y: Any = None, cfg: Train
     autocast = torch.autocast(sae.device.type, dtype=getattr(torch, cfg.autocast or "bfloat16"),
                               enabled=cfg.autocast is not None)  # reusable: a plain context manager
     bar = tqdm(total=T, initial=run.start, disable=not progress, desc=type(sae).__name__, leave=False)
-    t0 = time.perf_counter()
+    t0, base_lr = time.perf_counter(), cfg.sae_lr(sae.d_sae)
     sae.train()
     try:
         for s in range(run.start, T):
@@ -675,9 +689,8 @@ def train_sae(sae: SparseAutoencoder, X: torch.Tensor, y: Any = None, cfg: Train
             xb = X[idx].to(device=sae.device, dtype=sae.dtype, non_blocking=True)
             if s == 0:
                 sae.init_b_dec(xb, cfg.init_b_dec)
-            lr = cfg.lr * lr_factor(s, T, cfg.warmup_steps, cfg.decay_start)
-            for group in run.opt.param_groups:
-                group["lr"] = lr
+                sae.set_decoder_norm_to_unit_norm()
+            lr = _set_lr(run.opt, cfg, base_lr, s, T)
             yb = probe_lr = None
             if s >= p3:  # phase 3: the probe trains too (warm-up from p3, no decay: the reference's schedule)
                 run.joint = run.joint or JointProbe.of(sae, cfg)
@@ -691,12 +704,14 @@ def train_sae(sae: SparseAutoencoder, X: torch.Tensor, y: Any = None, cfg: Train
                 bar.set_postfix(loss=f"{row['loss']:.4g}", fve=f"{row['fve']:.3f}", l0=f"{row['l0']:.0f}",
                                 dead=f"{row['dead_frac']:.2f}", refresh=False)
                 if callback is not None:
-                    callback(s + 1, row)
+                    with averaged(run.opt):  # sign-SGD: the callback sees the averaged weights
+                        callback(s + 1, row)
             bar.update(1)
             if ckpt is not None and ((s + 1) % cfg.checkpoint_every == 0 or s == T - 1):
                 _save_checkpoint(run, sae, ckpt, fingerprint, s, xb, cfg)
     finally:
         bar.close()
+        to_eval(run.opt)  # sign-SGD: the schedule-free average becomes the SAE's weights
         sae.eval()
     if run.joint is not None:
         run.joint.write_back(sae)

@@ -203,19 +203,20 @@ def test_vs_frontier_interpolates_per_replicate():
 
 
 def _small_data():
-    """120 rows [120, 16], labels on the 0-10 scale, texts, and document ids (6 rows each: the first 90 rows,
-    the training split, hold documents 0-14, the test rows documents 15-19)."""
+    """120 rows [120, 16], labels on the 0-10 scale, texts, and document ids (the first 90 rows, the training
+    split, hold documents 0-14 of 6 rows each; each of the 30 test rows is its own document, 15-44, enough
+    for the decisive comparison's document bootstrap)."""
     g = torch.Generator().manual_seed(0)
     X = torch.randn(120, 16, generator=g) * 2 + 5
     y = ((X[:, :4].sum(1) + torch.randn(120, generator=g)).double() / 2 - 5).clamp(0, 10)  # on the 0-10 scale
     t = [f"text number {i} " + "word " * (i % 9) for i in range(120)]
-    return X, y, t, [f"doc{i // 6}" for i in range(120)]
+    return X, y, t, [f"doc{i // 6}" if i < 90 else f"doc{i - 75}" for i in range(120)]
 
 
 def _small_compare(tmp_path, texts=True, groups_train=None, groups_test=None, **kw):
     X, y, t, _ = _small_data()
-    cfg = CompareConfig(**(dict(d_sae=32, steps=4, batch_size=32, topk_ks=(2, 4, 8), k_ranges=((2, 8),), n_boot=50)
-                           | kw))
+    cfg = CompareConfig(**(dict(d_sae=32, steps=4, batch_size=32, topk_ks=(2, 4, 8), k_ranges=((2, 8),), n_boot=50,
+                                n_seeds=1, jumprelu=False, val_frac=0.0) | kw))
     return compare(X[:90], y[:90], X[90:], y[90:], out=tmp_path / "results.json", cfg=cfg,
                    texts_train=t[:90] if texts else None, texts_test=t[90:] if texts else None, log=None,
                    groups_train=groups_train, groups_test=groups_test)
@@ -229,7 +230,10 @@ def test_compare_writes_results_json(tmp_path):
     assert len(batchtopk) == 2 and batchtopk[1] == batchtopk[0] + "_batch"  # threshold and batch-rule inference
     k = res["saes"][batchtopk[0]]["k"]
     assert res["saes"][batchtopk[1]]["metrics"]["l0_mean"] == pytest.approx(k, abs=0.5)  # the batch rule keeps k·n
-    assert names - set(batchtopk) == {"topk_2", "topk_4", "topk_8", "adaptivek_2_8", "shuffled_k", "length_k"}
+    matched = {n for n in names if n.startswith("matched_")}
+    assert 1 <= len(matched) <= 2  # TopK at the integers around AdaptiveK's mean k
+    assert names - set(batchtopk) - matched == {"topk_2", "topk_4", "topk_8", "adaptivek_2_8", "shuffled_k",
+                                                "length_k", "norm_k"}
     assert res["saes"]["shuffled_k"]["metrics"]["l0_mean"] == pytest.approx(
         res["saes"]["adaptivek_2_8"]["metrics"]["l0_mean"], abs=0.5)  # same k distribution
     assert set(res["vs_topk"]["adaptivek_2_8"]) == {"fve", "cosine", "mse"}
@@ -244,7 +248,7 @@ def test_compare_writes_results_json(tmp_path):
 def test_compare_without_texts_skips_the_length_ablation(tmp_path):
     res = _small_compare(tmp_path, texts=False, batchtopk="none", n_bins=2, interp="linear").results
     assert res["skipped"] == {"length_k": "no texts or lengths given"}
-    assert {s["kind"] for s in res["saes"].values()} == {"topk", "adaptivek", "ablation"}
+    assert {s["kind"] for s in res["saes"].values()} == {"topk", "adaptivek", "ablation", "matched"}
     assert len(res["by_complexity"]["bins"]) == 2 and res["config"]["interp"] == "linear"
 
 
@@ -353,14 +357,14 @@ def test_compare_training_k(tmp_path, monkeypatch, grouped):
     assert (ada["k_train_mean"], ada["k_train_min"], ada["k_train_max"]) == (
         float(k.float().mean()), int(k.min()), int(k.max()))
     ablation_k = [kk for cls, kk in calls if cls == "TopKSAE" and kk is not None]
-    assert len(ablation_k) == 2  # shuffled_k and length_k
+    assert len(ablation_k) == 3  # shuffled_k, length_k and norm_k
     for kk in ablation_k:  # the same multiset of k values as AdaptiveK's training k
         assert torch.equal(kk.sort().values, k.sort().values)
     batchtopk = next(s for s in saes.values() if s["kind"] == "batchtopk")
     assert batchtopk["k"] == max(1, round(float(k.float().mean())))
     assert ("train_out_of_fold" in probe) == grouped
     assert (res.results["config"]["n_documents_train"], res.results["config"]["n_documents_test"]) == (
-        (15, 5) if grouped else (None, None))
+        (15, 30) if grouped else (None, None))
 
 
 def test_grouped_probe_is_the_document_cv_fit(tmp_path):
@@ -475,7 +479,7 @@ def test_compare_with_downstream_loss(tmp_path, tiny_neox):
     X = extract(tiny_neox, texts, 1, max_length=16, progress=False)
     y = torch.tensor([len(t) for t in texts], dtype=torch.float64) / 6  # on the 0-10 scale
     cfg = CompareConfig(d_sae=32, steps=3, batch_size=16, topk_ks=(2, 4, 8), k_ranges=((2, 8),), n_boot=20, layer=1,
-                        max_length=16, n_ce=12, ce_batch_size=5)
+                        max_length=16, n_ce=12, ce_batch_size=5, n_seeds=1, jumprelu=False, val_frac=0.0)
     comp = compare(X[:36], y[:36], X[36:], y[36:], out=tmp_path / "r.json", cfg=cfg, texts_train=texts[:36],
                    texts_test=texts[36:], lm=tiny_neox, log=None)
     res = comp.results
@@ -505,7 +509,7 @@ def test_compare_on_token_rows(tmp_path, tiny_neox):
     tr, te = ti < 18, ti >= 18
     unl = TrainConfig(unlabelled="reconstruct_only", probe_folds=3)
     cfg = CompareConfig(d_sae=32, steps=4, batch_size=16, topk_ks=(2, 4, 8), k_ranges=((2, 8),), n_boot=30, layer=1,
-                        max_length=16, n_ce=6, ce_batch_size=3, train_cfg=unl)
+                        max_length=16, n_ce=6, ce_batch_size=3, train_cfg=unl, n_seeds=1, jumprelu=False, val_frac=0.0)
     last = last_token_rows(ti[te])
     kw = dict(out=tmp_path / "r.json", log=None, groups_train=docs[tr.numpy()], groups_test=docs[te.numpy()],
               lengths_train=pos[tr] + 1, lengths_test=pos[te] + 1)
@@ -518,7 +522,8 @@ def test_compare_on_token_rows(tmp_path, tiny_neox):
     assert res["probe"]["n_labelled_train"] == int((~y[tr].isnan()).sum())
     assert res["probe"]["k_train_source"] == "out_of_fold" and "length_k" in res["saes"]
     assert sum(b["n"] for b in res["by_complexity"]["bins"]) == int((~y[te].isnan()).sum())  # labelled rows only
-    assert set(res["downstream"]["not_run"]) == {"shuffled_k", "length_k"}  # their k belongs to test rows
+    assert set(res["downstream"]["not_run"]) == {"shuffled_k", "length_k", "norm_k"}  # k belongs to test rows
+    assert "needs at least 20" in res["decision"]["skipped"]  # 2 held-out documents: no document bootstrap
     assert "ce" in res["saes"]["adaptivek_2_8"] and "ce" not in res["saes"]["shuffled_k"]
     assert res["config"]["n_documents_test"] == 2
     with pytest.raises(ValueError, match="not both"):
@@ -538,3 +543,37 @@ def test_replicate_weights_resample_whole_documents():
     assert not bool((W[1:].sum(1) == 10).all())  # so the number of rows varies, unlike a row bootstrap
     with pytest.raises(ValueError, match="one code per row"):
         replicate_weights(9, 10, seed=0, groups=groups)
+
+
+@pytest.mark.slow
+def test_compare_decides_over_seeds_and_splices_every_position(tmp_path, tiny_neox):
+    from adaptivek import extract
+    from adaptivek.tokens import token_positions
+
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "theta", "kappa", "lambda", "omicron"]
+    texts = [" ".join(words[(i * j) % 10] for j in range(4 + i % 7)) + f" {i}" for i in range(64)]
+    acts, ti = extract(tiny_neox, texts, 1, token="all", max_length=16, progress=False)
+    pos = token_positions(ti)
+    y = (pos.double() / 2).clamp(0, 10)
+    y[pos < 2] = float("nan")
+    docs = np.array([f"doc{i}" for i in range(64)])[ti.numpy()]  # every text its own document
+    tr, te = ti < 40, ti >= 40
+    cfg = CompareConfig(d_sae=32, steps=6, batch_size=16, topk_ks=(2, 4, 8), k_ranges=((2, 8),), n_boot=30, layer=1,
+                        max_length=16, ce_batch_size=6, train_cfg=TrainConfig(unlabelled="reconstruct_only",
+                                                                               probe_folds=3))
+    comp = compare(acts[tr], y[tr], acts[te], y[te], cfg=cfg, lm=tiny_neox, out=tmp_path / "r.json", log=None,
+                   groups_train=docs[tr.numpy()], groups_test=docs[te.numpy()], lengths_train=pos[tr] + 1,
+                   lengths_test=pos[te] + 1,
+                   splice={"texts": texts[40:], "documents": [f"doc{i}" for i in range(40, 64)], "max_norm": None})
+    res = comp.results
+    dec = res["decision"]
+    assert dec["n_seeds"] == 3 and dec["seeds"] == [0, 1, 2] and dec["n_documents"] == 24
+    assert set(dec["vs"]) == {"shuffled_k", "length_k", "norm_k", "batchtopk", "jumprelu"}
+    assert all(len(d["fve"]["per_seed"]) == 3 for d in dec["vs"].values())
+    assert -1 <= dec["precondition"]["estimate"] <= 1 and dec["oracle"]["headroom"] >= 0  # the oracle never loses
+    btk = next(s for s in res["saes"].values() if s["kind"] == "batchtopk" and s["inference"] == "threshold")
+    assert btk["calibrated_on"] == "validation" and res["config"]["n_documents_val"] >= 1
+    sp = res["splice"]
+    assert sp["n_texts"] == 24 and sp["n_tokens"] > 0 and "adaptivek_2_8" in sp["saes"]
+    assert set(sp["not_run"]) == {"shuffled_k", "length_k", "norm_k"}
+    assert "n" not in res["downstream"]  # the one-position loss is replaced by the splice

@@ -75,7 +75,7 @@ _CHANGES = {  # id: (what the second call changes, words the error must use)
     "y": (lambda X, y: dict(y=y.flip(0)), "the labels y"),
     "k": (lambda X, y: dict(k=torch.arange(600) % 3 + 2), "the per-row k"),
     "init": (lambda X, y: dict(sae=_ada(seed=5)), "the SAE's initial weights (built with another seed, or seed=None)"),
-    "lr": (lambda X, y: dict(cfg=_cfg(lr=5e-3)), r"TrainConfig.lr (0.001 there, 0.005 now)"),
+    "lr": (lambda X, y: dict(cfg=_cfg(lr=5e-3)), r"TrainConfig.lr (None there, 0.005 now)"),
     "sae-config": (lambda X, y: dict(sae=AdaptiveKSAE(16, 64, k_min=2, k_max=24, seed=0)), "the SAE's config"),
 }
 

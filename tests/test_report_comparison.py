@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from adaptivek import paper, report
+from adaptivek import paper, report, report_decision
 
 matplotlib.use("Agg")
 
@@ -246,13 +246,24 @@ def test_report_reads_a_real_compare_run(tmp_path, grouped):
     cfg = CompareConfig(d_sae=32, steps=4, batch_size=32, topk_ks=(2, 4, 8), k_ranges=((2, 8), (2, 12)), n_boot=30)
     res = compare(X[:90], y[:90], X[90:], y[90:], out=tmp_path / "r.json", cfg=cfg, texts_train=texts[:90],
                   texts_test=texts[90:], log=None, **({"groups_train": [i // 6 for i in range(90)],
-                                                       "groups_test": [i // 6 for i in range(90, 120)]} if grouped else {})
+                                                       "groups_test": list(range(100, 130))} if grouped else {})
                   ).results
     assert res["probe"]["k_train_source"] == ("out_of_fold" if grouped else "in_sample")
     assert set(report.verdict_sentences(res)) == {"verdict_frontier", "verdict_ce", "verdict_batchtopk",
                                                   "verdict_ablation", "verdict_paper"}
     assert set(report.bin_summary(res)) >= {"bin_low_word", "bin_high_word", "bin_sentence"}
     assert isinstance(report.matched_table(res), pd.DataFrame) and len(report.k_range_table(res, paper.K_RANGE_ABLATION)) == 2
-    assert len(report.bins_table(res)) == 3 * 4  # three bins x (two AdaptiveK + two ablations)
+    assert len(report.bins_table(res)) == 3 * 5  # three bins x (two AdaptiveK + three ablations)
+    verdicts = report_decision.decision_verdicts(res)
+    assert all(isinstance(v, str) and v for v in verdicts.values()) and len(verdicts) == 10
+    if grouped:  # 30 held-out documents: the decisive comparison ran, 3 seeds
+        assert res["decision"]["n_seeds"] == 3 and res["decision"]["n_documents"] == 30
+        table = report_decision.decision_table(res)
+        assert {"AdaptiveK", "shuffled k", "position k", "norm k", "JumpReLU"} <= set(table.index)
+        assert verdicts["dv_overall"].startswith("Should a reader use AdaptiveK")
+        assert not report_decision.oracle_table(res).empty
+        report_decision.plot_oracle(res)
+    else:
+        assert "skipped" in res["decision"] and verdicts["dv_matched"].startswith("Not decided")
     report.plot_frontier(res)
     report.ablation_table(res)

@@ -283,7 +283,7 @@ def test_saelens_export_layout_and_foreign_folders(tmp_path):
     (tmp_path / "sp" / "sae.safetensors").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="holds a sparsify SAE"):
         load_sae(tmp_path / "sp")
-    with pytest.raises(NotImplementedError, match="per-input k"):
+    with pytest.raises(ValueError, match="no fitted probe"):  # a fitted one exports (tests/test_interop.py)
         AdaptiveKSAE(12, 48, k_min=2, k_max=30).export_saelens(tmp_path / "x")
 
 

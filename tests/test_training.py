@@ -143,7 +143,7 @@ def test_checkpoint_resume_equals_uninterrupted_run(tmp_path):
     assert torch.equal(ref.probe.weight, res.probe.weight)
     cols = [c for c in ref_hist.columns if c != "time_s"]
     assert ref_hist[cols].equals(res_hist[cols])
-    with pytest.raises(ValueError, match=r"another run: it differs in TrainConfig.lr \(0.001 there, 0.005 now\)"):
+    with pytest.raises(ValueError, match=r"another run: it differs in TrainConfig.lr \(None there, 0.005 now\)"):
         train_sae(AdaptiveKSAE(16, 64, k_min=2, k_max=20), X, y, _small_cfg(lr=5e-3), progress=False,
                   checkpoint_dir=tmp_path)
 

@@ -1,0 +1,200 @@
+"""Our training recipes against EleutherAI sparsify's and SAELens' defaults, on the same tokens, in one run.
+
+    python benchmarks/train_vs_peers.py                       # the quick book's layer-12 tokens, 2 threads
+    python benchmarks/train_vs_peers.py --steps 79,198 --d-sae 4608 --k 32 --batch 4096
+
+Every run trains a TopK SAE (``--d-sae`` latents, ``--k`` active) on the same training tokens in the same
+batch order and is scored on the same held-out tokens (other documents) with one formula,
+``FVE = 1 - Σ‖x - x̂‖² / Σ‖x - mean‖²``. Rows:
+
+* ``adaptivek adam``: ``TrainConfig(optimizer="adam")``, the reference code's recipe (Adam 1e-3, warm-up,
+  decay to 0 over the run: one run per step budget);
+* ``adaptivek signum``: ``TrainConfig(optimizer="signum")``, sign-SGD with a schedule-free average;
+* ``sparsify default``: ``sparsify.SparseCoder`` trained with sparsify's own default optimiser (its
+  ``SignSGD`` in ``schedulefree.ScheduleFreeWrapper``, momentum 0.95, lr ``5e-3/sqrt(d_sae/2^14)``), b_dec at
+  the first batch's mean, loss ``fvu`` (auxk_alpha 0), the gradient parallel to decoder rows removed;
+* ``SAELens default``: ``sae_lens.TopKTrainingSAE`` with SAELens' ``SAETrainer`` step (Adam 3e-4, betas
+  (0.9, 0.999), constant rate, gradient clipping at 1, b_dec from 0);
+* ``PCA``: the held-out FVE of the top-``k`` principal components of the training tokens.
+
+The peers come from the ``interop`` extra (``pip install -e .[interop]``); a missing one is skipped with a
+message. Prints held-out FVE at each step budget and the median seconds per step (evaluation excluded), and
+our signum step time over sparsify's. Data: the quick book's cached activations (run ``make book`` first);
+``--n-train`` caps the training tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from adaptivek.regime import pca_fve
+
+
+def fve(X: torch.Tensor, X_hat: torch.Tensor) -> float:
+    """Fraction of variance explained, the one formula every row uses."""
+    return 1 - float((X - X_hat).pow(2).sum() / (X - X.mean(0)).pow(2).sum())
+
+
+def load_tokens(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    """The quick book's layer-``args.layer`` training and held-out tokens, scaled as the book scales them."""
+    import adaptivek
+    from adaptivek.sae_data import load_sae_data
+
+    lm = adaptivek.load_model("smollm2-135m", device="cpu")
+    data, _ = load_sae_data(args.artifacts, lm, layer=args.layer, mode="all_tokens", n_texts=1500, seed=0,
+                            max_length=128, test_frac=0.2)
+    X_train, X_test = data.scaled("train"), data.scaled("test")
+    return X_train[: args.n_train].contiguous(), X_test.contiguous()
+
+
+def batches(n: int, batch: int, steps: int, seed: int = 0) -> list[torch.Tensor]:
+    """The batch order every run shares: consecutive slices of seeded permutations."""
+    from adaptivek.training import _Batches
+
+    order = _Batches(n, batch, seed)
+    return [order(s) for s in range(steps)]
+
+
+def run_peer(step: Callable[[torch.Tensor], None], recon: Callable[[torch.Tensor], torch.Tensor],
+             X: torch.Tensor, X_test: torch.Tensor, order: list[torch.Tensor], budgets: list[int]
+             ) -> tuple[dict[int, float], float]:
+    """Train with ``step(x_batch)``; held-out FVE at each budget (``recon`` must give the weights to keep)."""
+    times, scores = [], {}
+    for s, idx in enumerate(order, start=1):
+        t = time.perf_counter()
+        step(X[idx])
+        times.append(time.perf_counter() - t)
+        if s in budgets:
+            with torch.no_grad():
+                scores[s] = fve(X_test, recon(X_test))
+    return scores, statistics.median(times)
+
+
+def ours(optimizer: str, X: torch.Tensor, X_test: torch.Tensor, args: argparse.Namespace, budgets: list[int]
+         ) -> tuple[dict[int, float], float]:
+    """adaptivek's train_sae with ``optimizer``; Adam gets one run per budget (its schedule knows T)."""
+    from adaptivek import TopKSAE, TrainConfig, train_sae
+    from adaptivek.evaluation import evaluate
+
+    scores, per_step = {}, []
+    runs = budgets if optimizer == "adam" else [max(budgets)]
+    for T in runs:
+        seen: dict[int, float] = {}
+        sae = TopKSAE(X.shape[1], args.d_sae, args.k, seed=0)
+
+        def at(step: int, row: dict, sae=sae, seen=seen) -> None:
+            if step in budgets:
+                seen[step] = float(evaluate(sae, X_test)["fve"])  # the formula of fve() above
+
+        _, hist = train_sae(sae, X, cfg=TrainConfig(steps=T, batch_size=args.batch, optimizer=optimizer),
+                            progress=False, callback=at)
+        scores |= {s: v for s, v in seen.items() if optimizer != "adam" or s == T}
+        per_step.append(float(hist["time_s"].diff().median()))
+    return scores, statistics.median(per_step)
+
+
+def sparsify_default(X: torch.Tensor, X_test: torch.Tensor, args: argparse.Namespace, budgets: list[int]):
+    """sparsify's SparseCoder and default optimiser, stepped as its Trainer steps (fvu loss, no AuxK)."""
+    from schedulefree import ScheduleFreeWrapper
+    from sparsify import SparseCoder, SparseCoderConfig
+    from sparsify.sign_sgd import SignSGD
+
+    torch.manual_seed(0)
+    sae = SparseCoder(X.shape[1], SparseCoderConfig(num_latents=args.d_sae, k=args.k), device="cpu")
+    order = batches(len(X), args.batch, max(budgets))
+    sae.b_dec.data = X[order[0]].mean(0)
+    sae.set_decoder_norm_to_unit_norm()
+    opt = ScheduleFreeWrapper(SignSGD(sae.parameters(), lr=5e-3 / (args.d_sae / 2**14) ** 0.5), momentum=0.95)
+    opt.train()
+
+    def step(xb: torch.Tensor) -> None:
+        sae(xb).fvu.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+
+    def recon(x: torch.Tensor) -> torch.Tensor:
+        opt.eval()
+        out = sae(x).sae_out
+        opt.train()
+        return out
+
+    return run_peer(step, recon, X, X_test, order, budgets)
+
+
+def saelens_default(X: torch.Tensor, X_test: torch.Tensor, args: argparse.Namespace, budgets: list[int]):
+    """SAELens' TopK training SAE with its trainer's default step (Adam 3e-4, clipping at 1)."""
+    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.saes.sae import TrainStepInput
+
+    torch.manual_seed(0)
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=X.shape[1], d_sae=args.d_sae, k=args.k, device="cpu"))
+    opt = torch.optim.Adam(sae.parameters(), lr=3e-4, betas=(0.9, 0.999))
+    n = [0]
+
+    def step(xb: torch.Tensor) -> None:
+        sae.train()
+        out = sae.training_forward_pass(TrainStepInput(sae_in=xb, coefficients={}, dead_neuron_mask=None,
+                                                       n_training_steps=n[0], is_logging_step=False))
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        n[0] += 1
+
+    def recon(x: torch.Tensor) -> torch.Tensor:
+        sae.eval()
+        return sae(x)
+
+    return run_peer(step, recon, X, X_test, batches(len(X), args.batch, max(budgets)), budgets)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--artifacts", default="_build/artifacts/quick")
+    ap.add_argument("--layer", type=int, default=12)
+    ap.add_argument("--d-sae", type=int, default=4608)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--steps", default="79,198", help="step budgets, comma-separated")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--n-train", type=int, default=None)
+    ap.add_argument("--only", default="adam,signum,sparsify,saelens")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    budgets = sorted(int(s) for s in args.steps.split(","))
+    X, X_test = load_tokens(args)
+    print(f"{len(X):,} training / {len(X_test):,} held-out tokens, d_in {X.shape[1]}, d_sae {args.d_sae}, "
+          f"k {args.k}, batch {args.batch}, {args.threads} threads, torch {torch.__version__}")
+    runs = {"adaptivek adam": lambda: ours("adam", X, X_test, args, budgets),
+            "adaptivek signum": lambda: ours("signum", X, X_test, args, budgets),
+            "sparsify default": lambda: sparsify_default(X, X_test, args, budgets),
+            "SAELens default": lambda: saelens_default(X, X_test, args, budgets)}
+    keys = dict(zip(["adam", "signum", "sparsify", "saelens"], runs, strict=True))
+    rows = {}
+    for key in args.only.split(","):
+        name = keys[key]
+        try:
+            rows[name] = runs[name]()
+        except ImportError as e:
+            print(f"skipped {name}: {e.name or e} is not installed (pip install -e '.[interop]')")
+            continue
+        print(f"  {name}: " + ", ".join(f"{b} steps {v:.3f}" for b, v in rows[name][0].items())
+              + f"; {rows[name][1]:.3f} s/step", flush=True)
+    print("| run (held-out FVE) | " + " | ".join(f"{b} steps" for b in budgets) + " | s/step |")
+    print("|---|" + "---|" * (len(budgets) + 1))
+    for name, (scores, sec) in rows.items():
+        print(f"| {name} | " + " | ".join(f"{scores.get(b, float('nan')):.3f}" for b in budgets) + f" | {sec:.3f} |")
+    print(f"| PCA at rank {args.k} | {pca_fve(X, X_test, [args.k])[args.k]:.3f} |" + " |" * len(budgets))
+    if "adaptivek signum" in rows and "sparsify default" in rows:
+        print(f"step time, adaptivek signum / sparsify: "
+              f"{rows['adaptivek signum'][1] / rows['sparsify default'][1]:.2f}x (target <= 0.7x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""The optimisers of adaptivek.optim and their use in train_sae (TrainConfig.optimizer)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_training import _complexity_data, _dictionary_data, _small_cfg
+
+from adaptivek.evaluation import evaluate
+from adaptivek.optim import SignSGD, averaged, default_lr, make_optimizer, signum_lr, to_eval
+from adaptivek.sae import AdaptiveKSAE, TopKSAE
+from adaptivek.training import TrainConfig, train_sae
+
+
+def test_sign_sgd_moves_every_weight_by_exactly_lr():
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0, 4.0]))
+    p.grad = torch.tensor([0.5, -1e-9, 0.0, 7.0])
+    SignSGD([p], lr=0.1).step()
+    assert torch.allclose(p.detach(), torch.tensor([0.9, -1.9, 3.0, 3.9]))
+
+
+def test_default_learning_rates():
+    assert signum_lr(2**14) == pytest.approx(5e-3)
+    assert signum_lr(4 * 2**14) == pytest.approx(2.5e-3)  # 1 / sqrt(d_sae)
+    assert default_lr("adam", 123) == 1e-3
+    assert TrainConfig(optimizer="signum").sae_lr(2**14) == pytest.approx(5e-3)
+    assert TrainConfig(optimizer="signum", lr=0.02).sae_lr(2**14) == 0.02
+
+
+def test_schedule_free_average_differs_from_the_gradient_point():
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = make_optimizer("signum", [p], 0.1)
+    for _ in range(5):
+        p.grad = torch.ones(3)
+        opt.step()
+    y = p.detach().clone()
+    with averaged(opt):
+        x = p.detach().clone()
+    assert torch.equal(p.detach(), y) or torch.allclose(p.detach(), y, atol=1e-7)  # back to y after the block
+    assert (x > y).all()  # the average lags behind the point that keeps descending
+    to_eval(opt)
+    assert torch.allclose(p.detach(), x, atol=1e-7)
+
+
+@pytest.mark.parametrize("sae_cls", ["topk", "adaptivek"])
+def test_signum_trains(sae_cls):
+    X, y = _complexity_data(n=1024)
+    sae = TopKSAE(16, 64, 4, seed=0) if sae_cls == "topk" else AdaptiveKSAE(16, 64, k_min=2, k_max=8, seed=0)
+    before = evaluate(sae, X, k=4)["fve"]
+    sae, hist = train_sae(sae, X, y, _small_cfg(steps=60, optimizer="signum"), progress=False)
+    assert evaluate(sae, X, k=4)["fve"] > before + 0.1
+    assert list(hist["lr"].iloc[1:]) == pytest.approx([signum_lr(64)] * (len(hist) - 1))  # no warm-up, no decay
+
+
+def test_signum_recovers_a_known_sparse_dictionary():
+    X, D, _ = _dictionary_data()
+    sae, _ = train_sae(TopKSAE(32, 64, 4, seed=0), X, cfg=TrainConfig(steps=200, batch_size=256, optimizer="signum"),
+                       progress=False)
+    cos = (D @ (sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)).T).max(1).values
+    assert (cos > 0.9).float().mean() >= 0.9
+
+
+def test_callback_sees_the_weights_training_returns():
+    X, y = _complexity_data(n=512)
+    seen = {}
+
+    def callback(step, row):
+        if step == 30:
+            seen["fve"] = evaluate(sae, X)["fve"]
+
+    sae = TopKSAE(16, 64, 4, seed=0)
+    train_sae(sae, X, cfg=_small_cfg(steps=30, optimizer="signum"), progress=False, callback=callback)
+    assert seen["fve"] == pytest.approx(evaluate(sae, X)["fve"], abs=1e-6)
+
+
+def test_signum_resume_equals_uninterrupted_run(tmp_path):
+    X, y = _complexity_data(n=600)
+    cfg = _small_cfg(steps=16, checkpoint_every=4, optimizer="signum")
+    ref, _ = train_sae(AdaptiveKSAE(16, 64, k_min=2, k_max=20, seed=0), X, y, cfg, progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_10(step, row):
+        if step == 10:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_sae(AdaptiveKSAE(16, 64, k_min=2, k_max=20, seed=0), X, y, cfg, progress=False,
+                  checkpoint_dir=tmp_path, callback=stop_at_10)
+    res, _ = train_sae(AdaptiveKSAE(16, 64, k_min=2, k_max=20, seed=0), X, y, cfg, progress=False,
+                       checkpoint_dir=tmp_path)
+    for k, v in ref.state_dict().items():
+        assert torch.allclose(v, res.state_dict()[k], atol=1e-6), k
+    with pytest.warns(UserWarning, match="finished"):  # a finished run comes back averaged, not at its y
+        again, _ = train_sae(AdaptiveKSAE(16, 64, k_min=2, k_max=20, seed=0), X, y, cfg, progress=False,
+                             checkpoint_dir=tmp_path)
+    for k, v in ref.state_dict().items():
+        assert torch.allclose(v, again.state_dict()[k], atol=1e-6), k
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(optimizer="sgd"), r"TrainConfig.optimizer='sgd': must be 'adam'"),
+    (dict(optimizer="signum", lr=math.nan), r"TrainConfig.lr=nan: must be a finite number > 0"),
+    (dict(optimizer="signum", lr=-1.0), r"TrainConfig.lr=-1.0: must be a finite number > 0"),
+], ids=["unknown", "nan-lr", "negative-lr"])
+def test_bad_optimizer_settings(kw, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kw)
+
+
+def test_sign_sgd_refuses_a_bad_lr():
+    with pytest.raises(ValueError, match="finite lr > 0"):
+        SignSGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
