@@ -89,12 +89,14 @@ def _splice_sentence(results: dict[str, Any]) -> str:
     own = {r["sae"]: r for r in rows if _own(r) and r["metric"] == "frac_recovered_zero"}
     vs = {r["sae"]: r for r in rows if r["versus"] == ada and r["metric"] == "frac_recovered_zero"}
     kl = {r["sae"]: r for r in rows if _own(r) and r["metric"] == "kl"}
-    others = "; ".join(f"{_label(n.replace('matched_', 'matched_'))} {own[n]['estimate']:.3f} (AdaptiveK minus it "
+    labels = {n: _label(k) for k, n in results["decision"].get("names", {}).items()}
+    others = "; ".join(f"{labels.get(n, _label(n))} {own[n]['estimate']:.3f} (AdaptiveK minus it "
                        f"{fmt_diff(_neg(vs[n]), 3)}: AdaptiveK is {direction(_neg(vs[n]))} it)"
                        for n in own if n != ada)
     return (f"Spliced at every kept position of {sp['n_texts']} held-out texts ({sp['n_tokens']:,} scored tokens), "
             f"AdaptiveK recovers {fmt_ci(own[ada]['estimate'], own[ada]['lo'], own[ada]['hi'], digits=3)} of the "
-            f"next-token loss lost to zero ablation, with KL {kl[ada]['estimate']:.3f} nats to the clean model; "
+            f"next-token loss lost to zero ablation, with a mean KL of {kl[ada]['estimate']:.3f} nats from the clean "
+            f"model's prediction; "
             f"{others}.")
 
 
@@ -155,9 +157,10 @@ def _overall(dec: dict[str, Any]) -> str:
     rivals = [k for k in ("batchtopk", "jumprelu") if k in dec["vs"]
               and direction(dec["vs"][k]["fve"]) == "worse than"]
     use = matched == "better than" and beats_all and not rivals
+    n_abl = sum(direction(dec["vs"][k]["fve"]) == "better than" for k in abl)
     return (f"Should a reader use AdaptiveK instead of TopK in this setting? {'Yes' if use else 'No'}: it is "
-            f"{matched} TopK at its budget, beats {'every' if beats_all else 'not every'} ablation"
-            + (f", and is worse than {' and '.join(_label(r) for r in rivals)}" if rivals else "") + ".")
+            f"{matched} TopK at its budget and beats {n_abl} of the {len(abl)} ablations"
+            + (f", and it is worse than {' and '.join(_label(r) for r in rivals)}" if rivals else "") + ".")
 
 
 def splice_table(results: dict[str, Any]) -> pd.DataFrame:

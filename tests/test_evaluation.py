@@ -495,16 +495,25 @@ def test_compare_with_downstream_loss(tmp_path, tiny_neox):
     assert set(res["frontier"]) == {"fve", "cosine", "mse", "ce", "frac_recovered"}
 
 
-def test_compare_on_token_rows(tmp_path, tiny_neox):
+def _token_rows(lm, n_texts):
+    """Texts, every token's activation at block 1, text index, position and label (NaN on the first two tokens
+    of every text: unlabelled) from the tiny model ``lm``."""
     from adaptivek import extract
-    from adaptivek.tokens import last_token_rows, token_positions
+    from adaptivek.tokens import token_positions
 
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "theta", "kappa", "lambda", "omicron"]
-    texts = [" ".join(words[(i * j) % 10] for j in range(4 + i % 7)) + f" {i}" for i in range(24)]
-    acts, ti = extract(tiny_neox, texts, 1, token="all", max_length=16, progress=False)
+    texts = [" ".join(words[(i * j) % 10] for j in range(4 + i % 7)) + f" {i}" for i in range(n_texts)]
+    acts, ti = extract(lm, texts, 1, token="all", max_length=16, progress=False)
     pos = token_positions(ti)
     y = (pos.double() / 2).clamp(0, 10)
-    y[pos < 2] = float("nan")  # the first tokens of every text are unlabelled
+    y[pos < 2] = float("nan")
+    return texts, acts, ti, pos, y
+
+
+def test_compare_on_token_rows(tmp_path, tiny_neox):
+    from adaptivek.tokens import last_token_rows
+
+    texts, acts, ti, pos, y = _token_rows(tiny_neox, 24)
     docs = np.array([f"doc{i // 3}" for i in range(24)])[ti.numpy()]
     tr, te = ti < 18, ti >= 18
     unl = TrainConfig(unlabelled="reconstruct_only", probe_folds=3)
@@ -547,15 +556,7 @@ def test_replicate_weights_resample_whole_documents():
 
 @pytest.mark.slow
 def test_compare_decides_over_seeds_and_splices_every_position(tmp_path, tiny_neox):
-    from adaptivek import extract
-    from adaptivek.tokens import token_positions
-
-    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "theta", "kappa", "lambda", "omicron"]
-    texts = [" ".join(words[(i * j) % 10] for j in range(4 + i % 7)) + f" {i}" for i in range(64)]
-    acts, ti = extract(tiny_neox, texts, 1, token="all", max_length=16, progress=False)
-    pos = token_positions(ti)
-    y = (pos.double() / 2).clamp(0, 10)
-    y[pos < 2] = float("nan")
+    texts, acts, ti, pos, y = _token_rows(tiny_neox, 64)
     docs = np.array([f"doc{i}" for i in range(64)])[ti.numpy()]  # every text its own document
     tr, te = ti < 40, ti >= 40
     cfg = CompareConfig(d_sae=32, steps=6, batch_size=16, topk_ks=(2, 4, 8), k_ranges=((2, 8),), n_boot=30, layer=1,

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from test_training import _complexity_data, _dictionary_data, _small_cfg
+from test_training import _complexity_data, _dictionary_data, _die_after_step_10, _small_cfg
 
 from adaptivek.evaluation import evaluate
 from adaptivek.optim import SignSGD, averaged, default_lr, make_optimizer, signum_lr, to_eval
@@ -79,17 +79,7 @@ def test_signum_resume_equals_uninterrupted_run(tmp_path):
     X, y = _complexity_data(n=600)
     cfg = _small_cfg(steps=16, checkpoint_every=4, optimizer="signum")
     ref, _ = train_sae(AdaptiveKSAE(16, 64, k_min=2, k_max=20, seed=0), X, y, cfg, progress=False)
-
-    class Stop(Exception):
-        pass
-
-    def stop_at_10(step, row):
-        if step == 10:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train_sae(AdaptiveKSAE(16, 64, k_min=2, k_max=20, seed=0), X, y, cfg, progress=False,
-                  checkpoint_dir=tmp_path, callback=stop_at_10)
+    _die_after_step_10(X, y, cfg, tmp_path)
     res, _ = train_sae(AdaptiveKSAE(16, 64, k_min=2, k_max=20, seed=0), X, y, cfg, progress=False,
                        checkpoint_dir=tmp_path)
     for k, v in ref.state_dict().items():

@@ -118,10 +118,8 @@ def test_faithful_sae_loss_has_no_path_to_the_probe():
     assert torch.autograd.grad(out.mse, w)[0].abs().sum() > 0
 
 
-def test_checkpoint_resume_equals_uninterrupted_run(tmp_path):
-    X, y = _complexity_data(n=600)
-    cfg = _small_cfg(checkpoint_every=4)
-    ref, ref_hist = train_sae(AdaptiveKSAE(16, 64, k_min=2, k_max=20, seed=0), X, y, cfg, progress=False)
+def _die_after_step_10(X, y, cfg, ckpt_dir):
+    """Train AdaptiveKSAE(16, 64, k in [2, 20], seed 0) with checkpoints in ``ckpt_dir`` and stop it after step 10."""
 
     class Stop(Exception):
         pass
@@ -130,9 +128,16 @@ def test_checkpoint_resume_equals_uninterrupted_run(tmp_path):
         if step == 10:
             raise Stop
 
-    with pytest.raises(Stop):  # dies after step 10: the last checkpoint is step 8 (inside phase 3)
+    with pytest.raises(Stop):
         train_sae(AdaptiveKSAE(16, 64, k_min=2, k_max=20, seed=0), X, y, cfg, progress=False,
-                  checkpoint_dir=tmp_path, callback=stop_at_10)
+                  checkpoint_dir=ckpt_dir, callback=stop_at_10)
+
+
+def test_checkpoint_resume_equals_uninterrupted_run(tmp_path):
+    X, y = _complexity_data(n=600)
+    cfg = _small_cfg(checkpoint_every=4)
+    ref, ref_hist = train_sae(AdaptiveKSAE(16, 64, k_min=2, k_max=20, seed=0), X, y, cfg, progress=False)
+    _die_after_step_10(X, y, cfg, tmp_path)  # the last checkpoint is step 8 (inside phase 3)
     calls = []
     fresh = AdaptiveKSAE(16, 64, k_min=2, k_max=20, seed=0)  # the same init (another one is refused)
     res, res_hist = train_sae(fresh, X, y, cfg, progress=False, checkpoint_dir=tmp_path,
