@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_evaluation import Identity
 
 from adaptivek import ExclusionRule, TopKSAE, extract, select_tokens
 from adaptivek.evaluation import splice_intervals, splice_metrics
@@ -14,16 +15,6 @@ TEXTS = ["The capital of France is Paris, and the capital of Italy is Rome.", "H
          "Sparse autoencoders split activations into features that people can read.",
          "one two three four five six seven eight nine ten"]
 LAYER = 1
-
-
-class Identity(torch.nn.Module):
-    """A stand-in SAE whose reconstruction is its input."""
-
-    def encode(self, x, k=None):
-        return x
-
-    def decode(self, codes):
-        return codes
 
 
 class Zero(torch.nn.Module):
