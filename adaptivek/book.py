@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -325,11 +326,13 @@ def _execute(nb: Path, target: Path, params: dict[str, Any]) -> ChapterRun:
 
 
 def check_executed(notebooks: list[Path]) -> list[str]:
-    """Problems in executed notebooks: error outputs, or a chapter without a single figure."""
+    """Problems in executed notebooks: error outputs, a chapter without a single figure, or a glue reference
+    in its markdown to a key that no code cell glued (:func:`glue_problems`)."""
     import nbformat
 
     problems = []
     for path in notebooks:
+        problems += glue_problems(path)
         nb = nbformat.read(str(path), as_version=4)
         images = 0
         for i, cell in enumerate(nb.cells):
@@ -341,6 +344,59 @@ def check_executed(notebooks: list[Path]) -> list[str]:
                     images += 1
         if images == 0:
             problems.append(f"{path.name}: no figure rendered (every chapter plots at least one)")
+    return problems
+
+
+# myst-nb's glue roles ({glue}, {glue:}, {glue:any}, {glue:text}, {glue:md}) and directives (```{glue:figure} key)
+_GLUE_ROLE = re.compile(r"\{(glue(?::any|:text|:md|:)?)\}`([^`]+)`")
+_GLUE_DIRECTIVE = re.compile(r"^[ \t]*(?:`{3,}|:{3,})\{(glue(?::any|:figure|:math|:md|:)?)\}[ \t]+(\S+)", re.MULTILINE)
+
+
+def glued_keys(notebook: Path) -> set[str]:
+    """The keys that the code cells of an executed notebook glued (``myst_nb.glue``: outputs whose metadata
+    holds ``scrapbook.name``)."""
+    nb = json.loads(notebook.read_text(encoding="utf-8"))
+    return {out["metadata"]["scrapbook"]["name"] for cell in nb.get("cells", []) if cell.get("cell_type") == "code"
+            for out in cell.get("outputs", []) if "name" in out.get("metadata", {}).get("scrapbook", {})}
+
+
+def glue_references(text: str) -> list[tuple[str, str, str | None, str]]:
+    """``(role, key, doc, as written)`` of every glue role and directive in markdown ``text``, the key and the
+    other document (``doc::key``, else None) parsed as myst-nb parses them: ``{glue:text}`` and ``{glue:md}``
+    end in an optional ``:format`` (``key:.2f``); only ``{glue:text}`` and ``{glue:any}`` take ``doc::``."""
+    out = []
+    for role, body in _GLUE_ROLE.findall(text):
+        key = body.rsplit(":", 1)[0] if role in ("glue:text", "glue:md") else body
+        doc, key = key.split("::", 1) if role != "glue:md" and "::" in key else (None, key)
+        out.append((role, key, doc, f"{{{role}}}`{body}`"))
+    out += [(role, key, None, f"{{{role}}} {key}") for role, key in _GLUE_DIRECTIVE.findall(text)]
+    return out
+
+
+def glue_problems(notebook: Path) -> list[str]:
+    """One line per glue reference in the markdown of an executed ``notebook`` whose key no code cell glued,
+    in this chapter or, for ``doc::key``, in the executed chapter ``doc`` beside it: a verdict or number that
+    the prose names but the run never computed renders as nothing (and only as a build warning)."""
+    own, known, problems = glued_keys(notebook), {}, []
+    nb = json.loads(notebook.read_text(encoding="utf-8"))
+    for i, cell in enumerate(nb.get("cells", [])):
+        if cell.get("cell_type") != "markdown":
+            continue
+        source = "".join(cell.get("source", []))
+        for _role, key, doc, written in glue_references(source):
+            where = f"{notebook.name}: markdown cell {i} uses {written}"
+            if doc is None:
+                if key not in own:
+                    problems.append(f"{where}, but no code cell of {notebook.name} glues {key!r}; glue it there "
+                                    f"(myst_nb.glue({key!r}, value, display=False)) or correct the key")
+                continue
+            other = notebook.parent / doc
+            if not other.is_file():
+                problems.append(f"{where}, but {doc} is not an executed chapter beside it ({other} is missing); "
+                                "run that chapter too, or correct the name")
+            elif key not in known.setdefault(doc, glued_keys(other)):
+                problems.append(f"{where}, but no code cell of {doc} glues {key!r}; glue it in {doc} or correct "
+                                "the key")
     return problems
 
 

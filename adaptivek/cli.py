@@ -65,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true",
                      help="paper profiles: a random model of the same config and a small embedded corpus")
     bsub.add_parser("build", help="build HTML from the executed chapters into _build/html")
-    check = bsub.add_parser("check", help="fail if an executed chapter has an error output or no figure")
+    check = bsub.add_parser("check", help="fail if an executed chapter has an error output, no figure, or a glue "
+                                          "reference to a key no code cell glued")
     check.add_argument("notebooks", nargs="*", type=_existing_file)
 
     ex = sub.add_parser("extract", help="extract activations into a cache (shards under torchrun)")
@@ -116,7 +117,7 @@ def _book_check(book, notebooks: list[Path]) -> int:
         print(line, file=sys.stderr)
     if problems:
         return 1
-    print(f"{len(paths)} executed chapters: no errors, every one has a figure")
+    print(f"{len(paths)} executed chapters: no errors, every one has a figure, every glue reference resolves")
     return 0
 
 

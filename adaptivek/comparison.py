@@ -194,7 +194,7 @@ def compare(X_train: Tensor, y_train: Any, X_test: Tensor, y_test: Any, *, out: 
     ce = _downstream(lu, cfg, lm, data, mean_train, recon["bin_of"]) if lm is not None and splice is None else None
     results = {"format": RESULTS_FORMAT, "config": _config(lu, cfg), "probe": lu.probe, "skipped": skipped} | (
         frontier.results_json(lu.meta, ev, recon, ce, topk=lu.names["topk"], adaptivek=_ablated(cfg)))
-    results["decision"] = _decide(seeds, recon["rows"], cfg, groups_test) if decide is True else {"skipped": decide}
+    results["decision"] = _decide(seeds, ev, recon["rows"], cfg, groups_test) if decide is True else {"skipped": decide}
     if splice is not None and lm is not None:
         results["splice"] = _splice(lu, cfg, lm, splice, mean_train)
     results["seconds"] = time.perf_counter() - t_start
@@ -361,21 +361,25 @@ def _direct_names(lu: Lineup, cfg: CompareConfig) -> dict[str, str]:
             | ({"jumprelu": "jumprelu"} if "jumprelu" in lu.saes else {}))
 
 
-def _decide(seeds: list[Lineup], rows0: dict[str, Any], cfg: CompareConfig, groups_test: Tensor | None
-            ) -> dict[str, Any]:
+def _decide(seeds: list[Lineup], ev0: dict[str, Any], rows0: dict[str, Any], cfg: CompareConfig,
+            groups_test: Tensor | None) -> dict[str, Any]:
     """AdaptiveK against TopK at its budget and every direct competitor, over seeds and test documents
-    (:mod:`adaptivek.decision`), and the precondition: does TopK's error follow predicted complexity?"""
+    (:mod:`adaptivek.decision`), their dead and dense latents per seed (``ev0``: seed ``cfg.seed``'s
+    evaluations), and the precondition: does TopK's error follow predicted complexity?"""
     lu, ada = seeds[0], _ablated(cfg)
     others, matched = _direct_names(lu, cfg), lu.names["matched"]
     names = [ada, *matched, *others.values()]
-    rows = [{n: rows0[n] for n in names}]
+    rows, fired = [{n: rows0[n] for n in names}], [{n: ev0[n]["firing_freq"] for n in names}]
     for s in seeds[1:]:
         ev = {n: evaluate(s.saes[n], s.Xte, batch_size=cfg.eval_batch_size, k=s.eval_k[n], per_row=True)
               for n in names}
         rows.append({n: {"sq_err": e["row_sq_err"], "cosine": e["row_cosine"], "l2_ratio": e["row_l2_ratio"],
                          "l0": e["l0"].double()} for n, e in ev.items()})
+        fired.append({n: e["firing_freq"] for n, e in ev.items()})
     res = decision.analyse(rows, lu.Xte, groups_test, adaptivek=ada, matched=matched, others=others,
                            n_boot=cfg.n_boot, seed=cfg.seed)
+    res["health"] = decision.latent_health({label: [f[n] for f in fired] for label, n in
+                                            ({"adaptivek": ada} | others | {m: m for m in matched}).items()})
     pred = lu.probe_model.predict(lu.Xte).float()
     res["precondition"] = decision.precondition(rows0[matched[0]]["sq_err"], lu.Xte, pred, groups_test,
                                                 n_boot=cfg.n_boot, seed=cfg.seed) | {"sae": matched[0]}

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .frontier import recon_stats, replicate_weights, summary
-from .stats import bootstrap_counts, group_bootstrap_ci, pearson
+from .frontier import recon_stats, replicate_weights, summary, weighted_sst
+from .stats import bootstrap_counts, group_bootstrap_metrics, pearson
 
 MIN_DOCUMENTS = 20
 """Fewer held-out documents than this give no cluster-bootstrap interval worth reporting: an error."""
@@ -42,8 +42,8 @@ def seed_weights(n_seeds: int, n_boot: int, seed: int) -> Tensor:
 def seed_stats(rows: Sequence[Mapping[str, Mapping[str, Tensor]]], X: Tensor, W: Tensor
                ) -> list[dict[str, dict[str, Tensor]]]:
     """Per seed, per SAE: :func:`~adaptivek.frontier.recon_stats` [R] under the document weights ``W``."""
-    Xc = X.double() - X.double().mean(0)
-    return [{name: recon_stats(W, r, Xc) for name, r in per_seed.items()} for per_seed in rows]
+    sst = weighted_sst(W, X.double() - X.double().mean(0))  # [R], the same for every SAE and seed
+    return [{name: recon_stats(W, r, sst=sst, d=X.shape[1]) for name, r in per_seed.items()} for per_seed in rows]
 
 
 def topk_line(stats: Mapping[str, Mapping[str, Tensor]], matched: Sequence[str], l0: Tensor, metric: str) -> Tensor:
@@ -119,9 +119,28 @@ def precondition(sq_err: Tensor, X: Tensor, pred: Tensor, groups: Tensor, *, n_b
     """Is a fixed-k SAE's error larger where predicted complexity is higher? Pearson r between each row's
     relative error ``‖x - x̂‖² / ‖x‖²`` and the probe's prediction, with a document-bootstrap interval."""
     rel = (sq_err / X.double().pow(2).sum(1)).double()
-    ci = group_bootstrap_ci(lambda a, b: float(pearson(a, b)), rel, pred.double(), groups=groups, n_boot=n_boot,
-                            seed=seed)
+    ci = group_bootstrap_metrics(pred.double(), rel, groups=groups, n_boot=n_boot, seed=seed)["pearson"]  # per-group sums
     return {"estimate": float(pearson(rel, pred.double())), "lo": ci.lo, "hi": ci.hi, "n": len(rel)}
+
+
+DENSE_THRESHOLD = 0.1
+"""A latent firing on more than this share of held-out tokens counts as dense (as in :mod:`adaptivek.regime`)."""
+
+
+def latent_health(firing: Mapping[str, Sequence[Tensor]], dense_threshold: float = DENSE_THRESHOLD
+                  ) -> dict[str, dict[str, Any]]:
+    """Dead (never fires on the held-out rows) and dense (fires on more than ``dense_threshold`` of them)
+    fractions of each SAE's latents, per seed and averaged: ``firing`` maps a label to one firing-frequency
+    vector [d_sae] per seed (``evaluate(...)["firing_freq"]``)."""
+    out = {}
+    for label, per_seed in firing.items():
+        if not per_seed:
+            raise ValueError(f"latent_health: no firing frequencies for {label!r} (one [d_sae] vector per seed)")
+        dead = [float((f == 0).double().mean()) for f in per_seed]
+        dense = [float((f > dense_threshold).double().mean()) for f in per_seed]
+        out[label] = {"dead_frac": sum(dead) / len(dead), "dense_frac": sum(dense) / len(dense),
+                      "dead_per_seed": dead, "dense_per_seed": dense, "dense_threshold": dense_threshold}
+    return out
 
 
 def family_error_rate(n_comparisons: int, alpha: float = 0.05) -> float:

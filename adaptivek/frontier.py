@@ -44,15 +44,27 @@ def replicate_weights(n: int, n_boot: int, seed: int, groups: Tensor | None = No
     return torch.cat([torch.ones(1, n, dtype=torch.float64), counts[:, groups]])
 
 
-def recon_stats(W: Tensor, rows: Mapping[str, Tensor], Xc: Tensor) -> dict[str, Tensor]:
+def weighted_sst(W: Tensor, Xc: Tensor) -> Tensor:
+    """``Σ w_i‖x_i - m_w‖²`` [R] under each row weighting of ``W [R, n]``, each with its own weighted mean
+    ``m_w``: ``Σ w_i‖x_i - m‖² - ‖Σ w_i (x_i - m)‖² / Σ w_i`` from ``Xc [n, d]`` (the vectors minus their mean).
+    It does not depend on the SAE: compute it once per set of rows and pass it to :func:`recon_stats`."""
+    return W @ Xc.pow(2).sum(1) - (W @ Xc).pow(2).sum(1) / W.sum(1)
+
+
+def recon_stats(W: Tensor, rows: Mapping[str, Tensor], Xc: Tensor | None = None, *, sst: Tensor | None = None,
+                d: int | None = None) -> dict[str, Tensor]:
     """``fve``, ``mse``, ``cosine``, ``l2_ratio``, ``l0`` [R] of one SAE under each row weighting of ``W [R, n]``.
 
     ``rows``: :func:`~adaptivek.evaluation.evaluate`'s per-row ``sq_err``, ``cosine``, ``l2_ratio`` and
-    ``l0`` (float64 [n]); ``Xc [n, d]``: the evaluation vectors minus their mean. FVE uses each
-    replicate's own mean: ``Σ w_i‖x_i - m_w‖² = Σ w_i‖x_i - m‖² - ‖Σ w_i (x_i - m)‖² / Σ w_i``.
+    ``l0`` (float64 [n]); ``Xc [n, d]``: the evaluation vectors minus their mean, or instead ``sst`` (its
+    :func:`weighted_sst`, shared by every SAE on the same rows) and ``d``. FVE uses each replicate's own mean.
     """
-    d = Xc.shape[1]
-    sst = W @ Xc.pow(2).sum(1) - (W @ Xc).pow(2).sum(1) / W.sum(1)  # [R] Σ w‖x - m_w‖²
+    if sst is None:
+        if Xc is None:
+            raise ValueError("recon_stats needs Xc (the vectors minus their mean) or sst= with d=")
+        sst, d = weighted_sst(W, Xc), Xc.shape[1]
+    elif d is None:
+        raise ValueError("recon_stats: with sst= pass d= (the vectors' width, for the per-element MSE)")
     sse = W @ rows["sq_err"]
     tot = W.sum(1)
     return {"fve": 1 - sse / sst, "mse": sse / (tot * d), "cosine": W @ rows["cosine"] / tot,
@@ -109,7 +121,9 @@ def bin_entry(b: int, sel: Tensor, *, rows: Mapping[str, Mapping[str, Tensor]], 
     if n < 2:
         return {"bin": b, "n": n, "skipped": "fewer than 2 rows"}
     Wb, Xb = W[:, sel], X.double()[sel]
-    sb = {name: recon_stats(Wb, {k: v[sel] for k, v in r.items()}, Xb - Xb.mean(0)) for name, r in rows.items()}
+    sst = weighted_sst(Wb, Xb - Xb.mean(0))  # [R], shared by every SAE in the bin
+    sb = {name: recon_stats(Wb, {k: v[sel] for k, v in r.items()}, sst=sst, d=Xb.shape[1])
+          for name, r in rows.items()}
     glob = {name: s | {"l0_global": stats[name]["l0"]} for name, s in sb.items()}
     return {"bin": b, "n": n, "label_range": [edges[b], edges[b + 1]], "label_mean": float(y[sel].mean()),
             "saes": {name: {m: float(s[m][0]) for m in ("fve", "mse", "cosine", "l0")} for name, s in sb.items()},
@@ -133,7 +147,8 @@ def analyse_reconstruction(rows: Rows, X: Tensor, y: Tensor, *, topk: Sequence[s
     document code, to resample documents instead of rows (:func:`replicate_weights`).
     """
     W = replicate_weights(len(X), n_boot, seed, groups)
-    stats = {name: recon_stats(W, r, X.double() - X.double().mean(0)) for name, r in rows.items()}
+    sst = weighted_sst(W, X.double() - X.double().mean(0))  # [R], shared by every SAE
+    stats = {name: recon_stats(W, r, sst=sst, d=X.shape[1]) for name, r in rows.items()}
     ada, abl = ablations
     edges, bin_of = complexity_bins(y, n_bins)
     ctx = {"rows": rows, "stats": stats, "W": W, "X": X, "y": y, "edges": edges, "topk": topk, "points": points}
@@ -205,6 +220,6 @@ def results_json(meta: Mapping[str, dict[str, Any]], ev: Mapping[str, Mapping[st
             "downstream": ce.get("block", {"skipped": "no language model given"})}
 
 
-__all__ = ["HIGHER_BETTER", "replicate_weights", "recon_stats", "ce_stats", "summary", "vs_frontier",
+__all__ = ["HIGHER_BETTER", "replicate_weights", "weighted_sst", "recon_stats", "ce_stats", "summary", "vs_frontier",
            "complexity_bins", "bin_entry", "analyse_reconstruction", "analyse_downstream", "frontier_curve",
            "results_json"]

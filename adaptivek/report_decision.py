@@ -33,7 +33,7 @@ def _label(key: str) -> str:
 def decision_table(results: dict[str, Any]) -> pd.DataFrame:
     """One row per SAE of the decisive comparison: mean L0, held-out FVE (mean over seeds, interval over
     seeds and documents), each seed's FVE, FVE minus TopK at the same L0, and, when spliced, CE loss
-    recovered (vs zero ablation) and KL at every position."""
+    recovered (vs zero ablation) and KL at every position, and the dead / dense latent shares (over seeds)."""
     dec, sp = results["decision"], results.get("splice", {})
     ci = {r["sae"]: r for r in sp.get("intervals", []) if _own(r) and r["metric"] == "frac_recovered_zero"}
     kl = {r["sae"]: r for r in sp.get("intervals", []) if _own(r) and r["metric"] == "kl"}
@@ -48,8 +48,14 @@ def decision_table(results: dict[str, Any]) -> pd.DataFrame:
                      "CE recovered": fmt_ci(ci[name]["estimate"], ci[name]["lo"], ci[name]["hi"], digits=3)
                      if name in ci else "—",
                      "KL (nats)": fmt_ci(kl[name]["estimate"], kl[name]["lo"], kl[name]["hi"], digits=3)
-                     if name in kl else "—"})
+                     if name in kl else "—",
+                     "dead / dense latents": _health(dec.get("health", {}).get(key))})
     return pd.DataFrame(rows).set_index("SAE")
+
+
+def _health(h: dict[str, Any] | None) -> str:
+    """``dead % / dense %`` averaged over seeds (dense: firing on more than 10% of held-out tokens)."""
+    return "—" if not h else f"{100 * h['dead_frac']:.1f}% / {100 * h['dense_frac']:.1f}%"
 
 
 def _matched_sentence(dec: dict[str, Any]) -> str:

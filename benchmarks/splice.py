@@ -1,8 +1,9 @@
 """Cost of the every-position splice (issue 13), measured in one run with interleaved repeats (median).
 
 One SAE's share of :func:`adaptivek.evaluation.splice_metrics`: its reconstruction of every kept position,
-the spliced forward pass (nnsight, logits at every position) and the per-token CE and KL, divided by one
-clean forward pass of the same batch with logits at every position (target: <= 1.5x). Also the whole
+the spliced forward pass (only the blocks after the layer run: the earlier blocks' output is the clean
+pass's; logits at every position) and the per-token CE and KL, divided by one clean forward pass of the same
+batch with logits at every position (target: <= 1.5x). Also the whole
 ``splice_metrics`` call with one SAE (clean, zero- and mean-ablation, the SAE: about 4 forward passes) in
 the same unit (``--whole``). Embedded SmolLM2-135M, a few texts of the embedded corpus truncated to 128 tokens, a TopK
 SAE of chapter 5's size (random weights: the cost does not depend on them).
@@ -57,7 +58,7 @@ def main() -> None:
 
     def one_sae():
         x_hat, _ = _reconstruct_rows(sae, h[where].float(), None, 1.0)
-        logp_s = _spliced_logp(lm, args.layer, ids, mask, pos, where, x_hat, score)
+        logp_s = _spliced_logp(lm, args.layer, (ids, mask, pos), h, where, x_hat, score)  # blocks after the layer
         -logp_s.gather(1, target[:, None])  # per-token CE
         (logp.exp() * (logp - logp_s)).sum(-1)  # per-token KL
 

@@ -212,6 +212,62 @@ def test_html_check_finds_errors_missing_figures_and_unresolved_glue(tmp_path):
     assert not any("glue" in p for p in book.check_html(tmp_path, ["good"], build_log=log, require_glue=False))
 
 
+# ------------------------------------------------------------------------- glue references (issue 14)
+def _glued(folder: Path, name: str, markdown: str, keys: tuple[str, ...]) -> Path:
+    """An executed chapter: one markdown cell, one code cell with a figure and a glue output per key
+    (the output ``myst_nb.glue(key, value, display=False)`` leaves under papermill)."""
+    glue_outputs = [nbformat.v4.new_output(
+        "display_data", data={"application/papermill.record/text/plain": "'0.5'"},
+        metadata={"scrapbook": {"mime_prefix": "application/papermill.record/", "name": k}}) for k in keys]
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell(markdown), nbformat.v4.new_code_cell("glue(...)", outputs=[
+        nbformat.v4.new_output("display_data", data={"image/png": "iVBORw0KGgo="}), *glue_outputs])]
+    path = folder / name
+    nbformat.write(nb, str(path))
+    return path
+
+
+COMPLETE = ("The verdict: {glue:text}`verdict`, r = {glue:text}`r:.2f`, {glue}`table`, {glue:md}`sentence:myst`,\n"
+            "and from chapter 3 {glue:text}`03_x.ipynb::pearson:s`.\n\n```{glue:figure} fig\n:name: f\n```\n")
+
+
+def test_glue_check_passes_when_every_key_was_glued(tmp_path):
+    _glued(tmp_path, "03_x.ipynb", "# three", ("pearson",))
+    path = _glued(tmp_path, "02_y.ipynb", COMPLETE, ("verdict", "r", "table", "sentence", "fig"))
+    assert book.glue_problems(path) == []
+    assert book.check_executed([path]) == []
+
+
+@pytest.mark.parametrize("markdown, keys, match", [
+    ("So {glue:text}`verdict`.", ("other",), r"02_y.ipynb: markdown cell 0 uses \{glue:text\}`verdict`, but no code "
+     r"cell of 02_y.ipynb glues 'verdict'; glue it there \(myst_nb.glue\('verdict', value, display=False\)\)"),
+    ("r = {glue:text}`r:.2f`", (), r"uses \{glue:text\}`r:.2f`, but no code cell of 02_y.ipynb glues 'r'"),
+    ("{glue}`table`", (), r"glues 'table'"),
+    ("{glue:md}`sentence:myst`", (), r"glues 'sentence'"),
+    ("```{glue:figure} fig\n```", (), r"uses \{glue:figure\} fig, but no code cell of 02_y.ipynb glues 'fig'"),
+    ("{glue:text}`03_x.ipynb::missing:s`", (), r"but no code cell of 03_x.ipynb glues 'missing'; glue it in 03_x"),
+    ("{glue:text}`04_z.ipynb::pearson:s`", (), r"but 04_z.ipynb is not an executed chapter beside it .*run that chapter"),
+], ids=["text", "text_with_format", "any", "md", "figure_directive", "other_chapter_key", "other_chapter_missing"])
+def test_glue_check_names_the_chapter_the_key_and_the_fix(tmp_path, markdown, keys, match):
+    _glued(tmp_path, "03_x.ipynb", "# three", ("pearson",))
+    path = _glued(tmp_path, "02_y.ipynb", markdown, keys)
+    problems = book.glue_problems(path)
+    assert len(problems) == 1 and re.search(match, problems[0]), problems
+    assert book.check_executed([path]) == problems  # the figure is there: the glue is the only problem
+
+
+def test_book_check_fails_on_a_missing_glue_key(minibook, monkeypatch, capsys):
+    from adaptivek import cli
+
+    executed = minibook / "_build" / "executed" / "book"
+    executed.mkdir(parents=True)
+    _glued(executed, "a.ipynb", "Verdict: {glue:text}`verdict`.", ("verdct",))
+    monkeypatch.chdir(minibook)
+    assert cli.main(["book", "check"]) == 1
+    assert "a.ipynb: markdown cell 0 uses {glue:text}`verdict`, but no code cell" in capsys.readouterr().err
+    _glued(executed, "a.ipynb", "Verdict: {glue:text}`verdict`.", ("verdict",))
+    assert cli.main(["book", "check"]) == 0
+
 # ------------------------------------------------------------------------- faults: profiles and CLI (issue 15)
 @pytest.mark.parametrize("text, match", [
     ("defaults:\n  x: 2\n  y: [1, 2\nchapters: {}\n", r"p.yaml:4:\d+: not valid YAML .*starts at line 3"),

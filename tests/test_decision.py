@@ -102,3 +102,17 @@ def test_precondition_sees_error_that_follows_complexity():
 def test_family_error_rate():
     assert decision.family_error_rate(1) == pytest.approx(0.05)
     assert decision.family_error_rate(10) == pytest.approx(1 - 0.95**10)
+
+
+def test_latent_health_counts_dead_and_dense_latents_per_seed():
+    seed0 = torch.tensor([0.0, 0.0, 0.05, 0.5])   # 2 dead, 1 dense
+    seed1 = torch.tensor([0.0, 0.2, 0.3, 0.01])   # 1 dead, 2 dense
+    h = decision.latent_health({"a": [seed0, seed1]})["a"]
+    assert h["dead_per_seed"] == [0.5, 0.25] and h["dense_per_seed"] == [0.25, 0.5]
+    assert h["dead_frac"] == pytest.approx(0.375) and h["dense_frac"] == pytest.approx(0.375)
+    assert decision.latent_health({"a": [seed0]}, dense_threshold=0.01)["a"]["dense_frac"] == 0.5
+
+
+def test_latent_health_needs_a_seed():
+    with pytest.raises(ValueError, match="no firing frequencies for 'a'"):
+        decision.latent_health({"a": []})

@@ -12,7 +12,7 @@ import torch
 from adaptivek import TopKSAE
 from adaptivek.comparison import CompareConfig, compare, load_results, rank_match
 from adaptivek.evaluation import downstream_loss, downstream_losses, evaluate
-from adaptivek.frontier import recon_stats, vs_frontier
+from adaptivek.frontier import recon_stats, vs_frontier, weighted_sst
 from adaptivek.stats import bootstrap_counts, interpolate, pareto_mask
 from adaptivek.training import TrainConfig
 
@@ -188,6 +188,15 @@ def test_bootstrap_fve_equals_fve_of_the_resample():
         Xr = X[idx]
         direct = 1 - err[idx].sum() / (Xr - Xr.mean(0)).pow(2).sum()
         assert float(stats["fve"][r]) == pytest.approx(float(direct), rel=1e-10)
+    shared = recon_stats(W, rows, sst=weighted_sst(W, X - X.mean(0)), d=6)  # the SAE-free part computed once
+    assert all(torch.equal(shared[m], stats[m]) for m in stats)
+
+
+@pytest.mark.parametrize("kw, match", [({}, "needs Xc"), ({"sst": torch.ones(5)}, "pass d=")], ids=["nothing", "no_d"])
+def test_recon_stats_needs_the_variance(kw, match):
+    rows = {m: torch.ones(3, dtype=torch.float64) for m in ("sq_err", "cosine", "l2_ratio", "l0")}
+    with pytest.raises(ValueError, match=match):
+        recon_stats(bootstrap_counts(3, 4, seed=0), rows, **kw)
 
 
 def test_vs_frontier_interpolates_per_replicate():
@@ -578,3 +587,22 @@ def test_compare_decides_over_seeds_and_splices_every_position(tmp_path, tiny_ne
     assert sp["n_texts"] == 24 and sp["n_tokens"] > 0 and "adaptivek_2_8" in sp["saes"]
     assert set(sp["not_run"]) == {"shuffled_k", "length_k", "norm_k"}
     assert "n" not in res["downstream"]  # the one-position loss is replaced by the splice
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_finite_rows_names_the_bad_rows(bad):
+    from adaptivek.checks import finite_rows
+
+    X = torch.ones(6, 3)
+    X[[1, 4], 2] = bad
+    with pytest.raises(ValueError, match=r"in 2 row\(s\) \(first: \[1, 4\]\)"):
+        finite_rows(X, "X")
+
+
+def test_finite_rows_passes_finite_data_whose_sum_overflows():
+    from adaptivek.checks import finite_rows
+
+    X = torch.full((4, 2), 3e38)  # float32: every value finite, their sum is inf
+    assert not torch.isfinite(X.sum()) and finite_rows(X, "X") is X
+    half = torch.full((8, 4), 60000.0, dtype=torch.float16)
+    assert finite_rows(half, "half") is half

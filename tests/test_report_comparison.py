@@ -260,6 +260,8 @@ def test_report_reads_a_real_compare_run(tmp_path, grouped):
         assert res["decision"]["n_seeds"] == 3 and res["decision"]["n_documents"] == 30
         table = report_decision.decision_table(res)
         assert {"AdaptiveK", "shuffled k", "position k", "norm k", "JumpReLU"} <= set(table.index)
+        assert table["dead / dense latents"].str.fullmatch(r"\d+\.\d% / \d+\.\d%").all()
+        assert len(res["decision"]["health"]["adaptivek"]["dead_per_seed"]) == 3
         assert verdicts["dv_overall"].startswith("Should a reader use AdaptiveK")
         assert not report_decision.oracle_table(res).empty
         report_decision.plot_oracle(res)

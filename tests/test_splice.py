@@ -205,3 +205,22 @@ def test_embedded_model_identity_recovers_everything(embedded_lm):
     assert res["saes"]["zero"]["frac_recovered_zero"] == 0.0
     assert res["ce_zero_ablate"] > res["ce_clean"] + 1.0  # zeroing a middle layer of a real model hurts a lot
     assert res["counts"]["excluded_first_positions"] == 2 and int(res["position"].min()) >= 1
+
+
+def test_spliced_passes_run_only_the_blocks_after_the_layer(tiny_neox, one_thread):
+    """The clean pass runs every block; each spliced pass (zero, mean, one per SAE) only those after LAYER,
+    and the blocks' forward methods are back in place afterwards (nnsight traces still work)."""
+    mods = module_blocks(tiny_neox)
+    calls = [0] * len(mods)
+    handles = [next(m.children()).register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
+               for i, m in enumerate(mods)]  # a block's first sub-module runs once per real forward of it
+    try:
+        _run(tiny_neox, {"a": Shrink(), "b": Identity()}, batch_size=len(TEXTS))
+    finally:
+        for h in handles:
+            h.remove()
+    passes = 1 + 2 + 2  # one batch: clean, zero, mean, two SAEs
+    assert calls == [1] * (LAYER + 1) + [passes] * (len(mods) - LAYER - 1)
+    assert all("forward" not in m.__dict__ or m.__dict__["forward"] is not None for m in mods)
+    again = _run(tiny_neox, {"b": Identity()})
+    assert again["saes"]["b"]["frac_recovered_zero"] == 1.0
