@@ -359,8 +359,9 @@ def claim1_verdicts(*, probe_pearson: float, null_pearson: Any, beyond_length: d
       ``null_pearson``, the Pearsons of probes fitted to shuffled labels), not above 0;
     * ``beyond_length``: the paired CI of probe minus length-control Pearson above 0 (``dpearson*`` keys);
     * ``beyond_lexical``: the ΔR² interval of :func:`incremental_r2` above 0;
-    * ``order_sensitive``: the probe moves more than the lexical baseline under word shuffling (CI > 0);
-      ``tracks``: the Pearson of the probe's move with the label's move (does it move the right way?);
+    * ``order_sensitive``: under word shuffling the probe moves more than the lexical baseline (CI > 0)
+      **and** its move follows the label's own move (``tracks``: their Pearson, CI > 0). A probe that moves
+      but not the way the label does reads something order-dependent that is not this complexity;
     * ``transfers``: the rubric-trained probe's Spearman with OneStopEnglish level, CI above 0;
     * ``human_beyond_lexical``: the hidden readout, residualised on the lexical one, orders the three
       levels within articles above chance (pairwise share CI above :data:`PAIR_CHANCE`).
@@ -380,7 +381,8 @@ def claim1_verdicts(*, probe_pearson: float, null_pearson: Any, beyond_length: d
         out["order_sensitive"] = _verdict(None, math.nan)
     else:
         t = word_order.loc["probe move vs label move (Pearson)"]
-        out["order_sensitive"] = _verdict(w["lo"] > 0, w["estimate"], w["lo"], w["hi"], tracks=float(t["estimate"]),
+        out["order_sensitive"] = _verdict(w["lo"] > 0 and t["lo"] > 0, w["estimate"], w["lo"], w["hi"],
+                                          tracks=float(t["estimate"]),
                                           tracks_lo=float(t["lo"]), tracks_hi=float(t["hi"]))
     out["transfers"] = (_verdict(None, math.nan) if transfer is None else
                         _verdict(transfer["spearman_lo"] > 0, transfer["spearman"], transfer["spearman_lo"],

@@ -4,18 +4,23 @@
 
 * ``"adam"``: Adam (default betas) at ``lr`` (1e-3, the reference code's), linear warm-up, constant, linear
   decay to 0 from ``decay_start``; decoder rows renormalised after every step.
-* ``"signum"``: EleutherAI sparsify's default recipe. Each step moves every weight by ``lr · sign(gradient)``
-  (steepest descent in the L∞ norm, https://arxiv.org/abs/1802.04434) at a constant learning rate
-  ``5e-3 / sqrt(d_sae / 2**14)``, and a schedule-free wrapper (Defazio et al. 2024,
-  https://arxiv.org/abs/2405.15682, the ``schedulefree`` package) evaluates gradients at an interpolation of
-  the iterate and its running average, and hands back the *average* when training ends. No decay schedule
-  is needed, so the number of steps need not be known in advance. The decoder is normalised once, before
-  training, as in sparsify: renormalising it after every step would move the averaged weights off the
-  wrapper's bookkeeping. The gradient component parallel to each decoder row is still removed.
+* ``"signum"``: EleutherAI sparsify's default recipe (its ``Trainer`` with ``optimizer="signum"``). Each step
+  moves every weight by ``lr · sign(gradient)`` (steepest descent in the L∞ norm,
+  https://arxiv.org/abs/1802.04434) at a constant learning rate ``5e-3 / sqrt(d_sae / 2**14)``, and a
+  schedule-free average (Defazio et al. 2024, https://arxiv.org/abs/2405.15682, as in the ``schedulefree``
+  package's ``ScheduleFreeWrapper``, momentum 0.95) evaluates gradients at an interpolation of the iterate
+  and its running average and hands back the *average* when training ends. No decay schedule is needed, so
+  the number of steps need not be known in advance. As in sparsify, the decoder rows of the gradient point
+  are renormalised before every step and the gradient component parallel to each decoder row is removed.
 
-The wrapper keeps two copies of the weights: during training the SAE's parameters hold the point where
-gradients are taken (``y``), :func:`to_eval` turns them into the average (``x``). Checkpoints store ``y``
-and the wrapper's state, so a resumed run continues exactly.
+:class:`ScheduleFreeSignSGD` is that wrapper and sign-SGD in one optimiser, written with ``torch._foreach``
+ops: one step is four elementwise passes over the weights, about what Adam's fused step costs
+(``schedulefree.ScheduleFreeWrapperReference`` makes seven and keeps ``x``, ``y`` and ``z``). Like ``ScheduleFreeWrapper`` it stores only
+the base sequence ``z``: during training the SAE's parameters hold the gradient point ``y`` and the average is
+``x = (y - (1 - β) z) / β``. :func:`to_eval` puts ``x`` into the parameters and :func:`averaged` does so for
+a block, in one pass: ``x`` is computed into a spare buffer and the parameters point at it, and afterwards
+they point back at ``y``'s untouched storage, so that looking at the average never changes the run.
+Checkpoints store ``y`` and ``z``, so a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ import torch
 ADAM_LR = 1e-3
 """Adam's learning rate when ``TrainConfig.lr`` is None (the reference code's)."""
 
+SIGNUM_MOMENTUM = 0.95
+"""β of the schedule-free average, sparsify's setting (``ScheduleFreeWrapper(..., momentum=0.95)``)."""
+
 
 def signum_lr(d_sae: int) -> float:
     """sparsify's default sign-SGD learning rate for ``d_sae`` latents: ``5e-3 / sqrt(d_sae / 2**14)``."""
@@ -41,12 +49,16 @@ def default_lr(optimizer: str, d_sae: int) -> float:
     return ADAM_LR if optimizer == "adam" else signum_lr(d_sae)
 
 
+def _check_lr(name: str, lr: float) -> None:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"{name} needs a finite lr > 0, got {lr!r}")
+
+
 class SignSGD(torch.optim.Optimizer):
     """``p ← p − lr · sign(∂L/∂p)``: every weight moves by exactly ``lr`` (or not at all, at a zero gradient)."""
 
     def __init__(self, params: Any, lr: float = 1e-3) -> None:
-        if not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"SignSGD needs a finite lr > 0, got {lr!r}")
+        _check_lr("SignSGD", lr)
         super().__init__(params, {"lr": lr})
 
     @torch.no_grad()
@@ -54,10 +66,89 @@ class SignSGD(torch.optim.Optimizer):
         if closure is not None:
             raise ValueError("SignSGD.step takes no closure")
         for group in self.param_groups:
-            grads = [p.grad.sign() for p in group["params"] if p.grad is not None]
             params = [p for p in group["params"] if p.grad is not None]
             if params:
-                torch._foreach_add_(params, grads, alpha=-group["lr"])
+                torch._foreach_add_(params, torch._foreach_sign([p.grad for p in params]), alpha=-group["lr"])
+
+
+class ScheduleFreeSignSGD(torch.optim.Optimizer):
+    """Sign-SGD inside a schedule-free average: ``schedulefree.ScheduleFreeWrapper(SignSGD(params, lr),
+    momentum)`` (``weight_lr_power`` 2, ``r`` 0), in four ``torch._foreach`` passes over the weights.
+
+    With ``s = sign(∂L/∂y)`` and ``c = w_t / Σ w`` (``w_t = lr_max²``, so ``c = 1/(t+1)`` at a constant rate)
+    the wrapper's update ``z ← z − lr·s``, ``x ← (1−c) x + c z``, ``y ← β x + (1−β) z`` is, with
+    ``x = (y − (1−β) z)/β``: ``y ← lerp(y, z, c) − lr (1 − β (1−c)) s`` and then ``z ← z − lr·s``.
+    The parameters hold ``y`` in train mode (:meth:`train`, the state after construction) and ``x`` in eval
+    mode (:meth:`eval`); :meth:`step` needs train mode and turns each gradient into its sign, in place.
+    """
+
+    def __init__(self, params: Any, lr: float, momentum: float = SIGNUM_MOMENTUM) -> None:
+        _check_lr("ScheduleFreeSignSGD", lr)
+        if not 0 < momentum < 1:
+            raise ValueError(f"ScheduleFreeSignSGD needs 0 < momentum < 1, got {momentum!r}")
+        super().__init__(params, {"lr": lr, "momentum": momentum, "k": 0, "weight_sum": 0.0, "lr_max": 0.0})
+        self.train_mode = True
+        self._y: dict[torch.Tensor, torch.Tensor] = {}  # eval mode: y's storage, which train() puts back
+        self._spare: dict[torch.Tensor, torch.Tensor] = {}  # train mode: buffers for eval()'s x
+
+    @torch.no_grad()
+    def eval(self) -> None:
+        """Parameters ← the average ``x``, computed into a spare buffer; ``y``'s storage is kept for :meth:`train`
+        (one pass over the weights, and switching back copies nothing)."""
+        if self.train_mode:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if "z" in self.state[p]:
+                        spare = self._spare.pop(p, None)
+                        x = torch.lerp(p, self.state[p]["z"], 1 - 1 / group["momentum"],
+                                       **({"out": spare} if spare is not None else {}))
+                        self._y[p] = p.detach()  # the same storage: y stays exactly as it was
+                        p.set_(x)
+        self.train_mode = False
+
+    @torch.no_grad()
+    def train(self) -> None:
+        """Parameters ← the gradient point ``y``: the one :meth:`eval` kept, else ``lerp(x, z, 1 − β)``."""
+        if not self.train_mode:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if "z" not in self.state[p]:
+                        continue
+                    y = self._y.pop(p, None)
+                    if y is None:
+                        p.lerp_(self.state[p]["z"], 1 - group["momentum"])
+                    else:
+                        self._spare[p] = p.detach()  # x's buffer, reused by the next eval()
+                        p.set_(y)
+        self._y.clear()
+        self.train_mode = True
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:  # type: ignore[override]
+        if closure is not None:
+            raise ValueError("ScheduleFreeSignSGD.step takes no closure")
+        if not self.train_mode:
+            raise RuntimeError("ScheduleFreeSignSGD.step needs train mode (the parameters at y): call .train() "
+                               "after .eval()")
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if "z" not in self.state[p]:
+                    self.state[p]["z"] = p.detach().clone(memory_format=torch.preserve_format)
+            zs = [self.state[p]["z"] for p in params]
+            lr, beta = group["lr"], group["momentum"]
+            group["lr_max"] = max(lr, group["lr_max"])
+            weight = group["lr_max"] ** 2
+            group["weight_sum"] += weight
+            c = weight / group["weight_sum"]
+            signs = [p.grad for p in params]
+            torch._foreach_sign_(signs)  # in place: the gradients become their signs
+            torch._foreach_lerp_(params, zs, c)
+            torch._foreach_add_(params, signs, alpha=-lr * (1 - beta * (1 - c)))
+            torch._foreach_add_(zs, signs, alpha=-lr)
+            group["k"] += 1
 
 
 def make_adam(params: list[torch.Tensor], lr: float) -> torch.optim.Adam:
@@ -74,22 +165,19 @@ def make_optimizer(name: str, params: list[torch.Tensor], lr: float) -> Any:
         return make_adam(params, lr)
     if name != "signum":
         raise ValueError(f"optimizer must be 'adam' or 'signum', got {name!r}")
-    from schedulefree import ScheduleFreeWrapperReference  # the other wrapper needs contiguous weights
-
-    opt = ScheduleFreeWrapperReference(SignSGD(params, lr=lr), momentum=0.95)  # sparsify's settings
-    opt.train()
-    return opt
+    return ScheduleFreeSignSGD(params, lr=lr)
 
 
 def is_schedule_free(opt: Any) -> bool:
     """True for an optimiser whose parameters hold the gradient point, not the weights to keep."""
-    return hasattr(opt, "train_mode") and hasattr(opt, "base")
+    return isinstance(opt, ScheduleFreeSignSGD)
 
 
 def resumed(opt: Any) -> None:
     """After loading a checkpoint: its parameters already hold the gradient point (``y``)."""
     if is_schedule_free(opt):
         opt.train_mode = True
+        opt._y.clear()
 
 
 def to_eval(opt: Any) -> None:
@@ -111,5 +199,5 @@ def averaged(opt: Any) -> Iterator[None]:
         opt.train()
 
 
-__all__ = ["averaged", "SignSGD", "make_optimizer", "make_adam", "signum_lr", "default_lr", "is_schedule_free", "to_eval",
-           "ADAM_LR"]
+__all__ = ["averaged", "SignSGD", "ScheduleFreeSignSGD", "make_optimizer", "make_adam", "signum_lr", "default_lr",
+           "is_schedule_free", "to_eval", "ADAM_LR", "SIGNUM_MOMENTUM"]

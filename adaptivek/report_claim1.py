@@ -22,7 +22,7 @@ QUESTIONS = {  # verdict key -> the question it answers
     "decodable": "Linearly decodable, against the shuffled-label null?",
     "beyond_length": "Beyond text length?",
     "beyond_lexical": "Beyond the lexical baseline (bag of input embeddings, length, the rubric's own features)?",
-    "order_sensitive": "Sensitive to word order beyond the word statistics?",
+    "order_sensitive": "Does its reading follow word order the way the label does, beyond the word statistics?",
     "transfers": "Transfers to human reading levels (OneStopEnglish)?",
     "human_beyond_lexical": "Orders human reading levels within an article beyond the lexical baseline?",
 }

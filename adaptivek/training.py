@@ -75,7 +75,8 @@ class TrainConfig:
     optimizer: Literal["adam", "signum"] = "adam"
     """How the SAE's weights move (:mod:`adaptivek.optim`). "adam": the reference's Adam with warm-up and
     linear decay. "signum": EleutherAI sparsify's sign-SGD with a schedule-free average (constant rate, no
-    warm-up or decay, decoder normalised once), which the book measures against Adam on the same tokens."""
+    warm-up, decay or clipping; decoder rows renormalised at the gradient point before every step, as sparsify's
+    trainer does), which the book measures against Adam on the same tokens."""
     lr: float | None = None
     """Learning rate of the SAE. None: the optimiser's default, Adam 1e-3 (reference, default betas) or
     sign-SGD ``5e-3 / sqrt(d_sae / 2**14)`` (sparsify's)."""
@@ -84,7 +85,8 @@ class TrainConfig:
     decay_start: float = 0.8
     """Fraction of T after which the learning rate decays linearly to 0 (reference 0.8; the paper says 0.7)."""
     grad_clip: float = 1.0
-    """Max global gradient norm, applied to the SAE and the probe separately (reference 1.0; ``math.inf``: none)."""
+    """Max global gradient norm, applied to the SAE and the probe separately (reference 1.0; ``math.inf``: none).
+    With ``optimizer="signum"`` the SAE's gradients are not clipped (a sign ignores their scale)."""
     l1_weight: float = 0.005
     """Weight of ``mean‖f‖₁ / mean‖x‖₂`` (reference 0.005, used for AdaptiveK; the usual TopK recipe uses 0).
     Applied to both classes so that a comparison changes only how k is chosen."""
@@ -573,6 +575,23 @@ def _set_lr(opt: Any, cfg: TrainConfig, base_lr: float, s: int, T: int) -> float
     return lr
 
 
+def _prepare(sae: SparseAutoencoder, xb: torch.Tensor, cfg: TrainConfig, s: int) -> None:
+    """Before step ``s``: ``b_dec`` from the first batch; unit decoder rows before step 0 (Adam renormalises
+    after every step) or before every step (sign-SGD: at each gradient point, as sparsify's trainer does)."""
+    if s == 0:
+        sae.init_b_dec(xb, cfg.init_b_dec)
+    if s == 0 or cfg.optimizer == "signum":
+        sae.set_decoder_norm_to_unit_norm()
+
+
+def _clip(sae: SparseAutoencoder, cfg: TrainConfig) -> torch.Tensor:
+    """The SAE's gradient norm (logged); Adam's gradients are clipped to ``grad_clip``, sign-SGD's are left as
+    they are (a positive rescaling cannot change a sign, so clipping would only cost a pass, as in sparsify)."""
+    if cfg.optimizer == "adam":
+        return torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+    return torch.nn.utils.get_total_norm([p.grad for p in sae.parameters() if p.grad is not None])
+
+
 def _step(sae: SparseAutoencoder, run: _Run, xb: torch.Tensor, yb: torch.Tensor | None, kb: torch.Tensor | None,
           dead: torch.Tensor, cfg: TrainConfig, probe_lr: float | None, autocast: Any, s: int
           ) -> tuple[Any, torch.Tensor, Any, Any]:
@@ -596,9 +615,9 @@ def _step(sae: SparseAutoencoder, run: _Run, xb: torch.Tensor, yb: torch.Tensor 
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     sae.remove_gradient_parallel_to_decoder_directions()
-    grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+    grad_norm = _clip(sae, cfg)
     run.opt.step()
-    if cfg.optimizer == "adam":  # sign-SGD's average would drift off its bookkeeping (adaptivek.optim)
+    if cfg.optimizer == "adam":  # sign-SGD renormalises the gradient point before the step instead (train_sae)
         sae.set_decoder_norm_to_unit_norm()
     if terms is not None:
         run.joint.step(terms.loss.item(), float(probe_lr), cfg)
@@ -687,9 +706,7 @@ def train_sae(sae: SparseAutoencoder, X: torch.Tensor, y: Any = None, cfg: Train
         for s in range(run.start, T):
             idx = batches(s)
             xb = X[idx].to(device=sae.device, dtype=sae.dtype, non_blocking=True)
-            if s == 0:
-                sae.init_b_dec(xb, cfg.init_b_dec)
-                sae.set_decoder_norm_to_unit_norm()
+            _prepare(sae, xb, cfg, s)
             lr = _set_lr(run.opt, cfg, base_lr, s, T)
             yb = probe_lr = None
             if s >= p3:  # phase 3: the probe trains too (warm-up from p3, no decay: the reference's schedule)

@@ -191,6 +191,8 @@ def test_verdicts_answer_each_question_from_its_number():
                                      transfer={"spearman": 0.2, "spearman_lo": 0.1, "spearman_hi": 0.3}))
     assert (v2["order_sensitive"]["answer"], v2["transfers"]["answer"], v2["human_beyond_lexical"]["answer"]) == \
         ("yes", "yes", "no")
+    wrong_way = order.assign(lo=[0.1, -0.35], estimate=[0.2, -0.05])  # moves more, but not as the label does
+    assert claim1_verdicts(**_evidence(word_order=wrong_way))["order_sensitive"]["answer"] == "no"
 
 
 # ----------------------------------------------------------------------------- bad inputs

@@ -9,7 +9,15 @@ import torch
 from test_training import _complexity_data, _dictionary_data, _die_after_step_10, _small_cfg
 
 from adaptivek.evaluation import evaluate
-from adaptivek.optim import SignSGD, averaged, default_lr, make_optimizer, signum_lr, to_eval
+from adaptivek.optim import (
+    ScheduleFreeSignSGD,
+    SignSGD,
+    averaged,
+    default_lr,
+    make_optimizer,
+    signum_lr,
+    to_eval,
+)
 from adaptivek.sae import AdaptiveKSAE, TopKSAE
 from adaptivek.training import TrainConfig, train_sae
 
@@ -104,3 +112,76 @@ def test_bad_optimizer_settings(kw, match):
 def test_sign_sgd_refuses_a_bad_lr():
     with pytest.raises(ValueError, match="finite lr > 0"):
         SignSGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(lr=0.0), r"ScheduleFreeSignSGD needs a finite lr > 0, got 0.0"),
+    (dict(lr=math.inf), r"ScheduleFreeSignSGD needs a finite lr > 0, got inf"),
+    (dict(lr=0.1, momentum=1.0), r"ScheduleFreeSignSGD needs 0 < momentum < 1, got 1.0"),
+    (dict(lr=0.1, momentum=0.0), r"ScheduleFreeSignSGD needs 0 < momentum < 1, got 0.0"),
+], ids=["zero-lr", "inf-lr", "momentum-1", "momentum-0"])
+def test_schedule_free_sign_sgd_refuses_bad_settings(kw, match):
+    with pytest.raises(ValueError, match=match):
+        ScheduleFreeSignSGD([torch.nn.Parameter(torch.zeros(1))], **kw)
+
+
+def _quadratic_run(opt_of, steps=150):
+    """(y, x) after ``steps`` steps of ``opt_of([p])`` on a least-squares problem (gradient set by hand)."""
+    g = torch.Generator().manual_seed(0)
+    A, b = torch.randn(40, 30, generator=g), torch.randn(40, generator=g)
+    p = torch.nn.Parameter(torch.randn(30, generator=g))
+    opt = opt_of([p])
+    opt.train()
+    for _ in range(steps):
+        p.grad = A.T @ (A @ p.detach() - b)
+        opt.step()
+    y = p.detach().clone()
+    opt.eval()
+    return y, p.detach().clone()
+
+
+def test_schedule_free_sign_sgd_is_schedulefrees_wrapper_around_sign_sgd():
+    from schedulefree import ScheduleFreeWrapperReference
+
+    y_ref, x_ref = _quadratic_run(lambda ps: ScheduleFreeWrapperReference(SignSGD(ps, lr=0.01), momentum=0.95))
+    y, x = _quadratic_run(lambda ps: ScheduleFreeSignSGD(ps, lr=0.01))
+    assert (x_ref - y_ref).abs().max() > 1e-2  # the average and the gradient point really differ
+    assert torch.allclose(y, y_ref, atol=1e-5) and torch.allclose(x, x_ref, atol=1e-5)
+
+
+def test_step_needs_train_mode():
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = ScheduleFreeSignSGD([p], lr=0.1)
+    p.grad = torch.ones(3)
+    opt.step()
+    opt.eval()
+    p.grad = torch.ones(3)
+    with pytest.raises(RuntimeError, match=r"needs train mode .* call .train\(\) after .eval\(\)"):
+        opt.step()
+
+
+def test_train_recovers_y_from_x_and_z_without_the_kept_copy():
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = ScheduleFreeSignSGD([p], lr=0.1)
+    for i in range(6):
+        p.grad = torch.tensor([1.0, -1.0, 1.0, -1.0]) * (1 if i % 3 else -1)
+        opt.step()
+    y = p.detach().clone()
+    opt.eval()  # p now holds x; a fresh optimiser loaded from the state knows only z
+    again = ScheduleFreeSignSGD([p], lr=0.1)
+    again.load_state_dict(opt.state_dict())
+    again.train_mode = False
+    again.train()
+    assert torch.allclose(p.detach(), y, atol=1e-6)
+
+
+def test_looking_at_the_average_leaves_the_run_unchanged():
+    X, _ = _complexity_data(n=512)
+    cfg = _small_cfg(steps=12, optimizer="signum")
+    quiet, _ = train_sae(TopKSAE(16, 64, 4, seed=0), X, cfg=cfg, progress=False)
+    looked = TopKSAE(16, 64, 4, seed=0)
+    fves = []
+    train_sae(looked, X, cfg=cfg, progress=False, callback=lambda step, row: fves.append(evaluate(looked, X)["fve"]))
+    assert len(fves) == 12
+    for k, v in quiet.state_dict().items():
+        assert torch.equal(v, looked.state_dict()[k]), k
