@@ -10,6 +10,8 @@ batch order and is scored on the same held-out tokens (other documents) with one
 * ``adaptivek adam``: ``TrainConfig(optimizer="adam")``, the reference code's recipe (Adam 1e-3, warm-up,
   decay to 0 over the run: one run per step budget);
 * ``adaptivek signum``: ``TrainConfig(optimizer="signum")``, sign-SGD with a schedule-free average;
+* ``adaptivek signum, sparsify's loss``: the same with ``l1_weight=0, auxk_alpha=0``, the loss sparsify trains
+  by default (a sign step ignores the loss's scale, so our per-element MSE and its FVU step alike);
 * ``sparsify default``: ``sparsify.SparseCoder`` trained with sparsify's own default optimiser (its
   ``SignSGD`` in ``schedulefree.ScheduleFreeWrapper``, momentum 0.95, lr ``5e-3/sqrt(d_sae/2^14)``), b_dec at
   the first batch's mean, loss ``fvu`` (auxk_alpha 0), decoder rows renormalised before every step and the
@@ -76,9 +78,10 @@ def run_peer(step: Callable[[torch.Tensor], None], recon: Callable[[torch.Tensor
     return scores, statistics.median(times)
 
 
-def ours(optimizer: str, X: torch.Tensor, X_test: torch.Tensor, args: argparse.Namespace, budgets: list[int]
-         ) -> tuple[dict[int, float], float]:
-    """adaptivek's train_sae with ``optimizer``; Adam gets one run per budget (its schedule knows T)."""
+def ours(optimizer: str, X: torch.Tensor, X_test: torch.Tensor, args: argparse.Namespace, budgets: list[int],
+         **loss: float) -> tuple[dict[int, float], float]:
+    """adaptivek's train_sae with ``optimizer`` (and ``loss``: TrainConfig's loss weights, e.g. l1_weight=0);
+    Adam gets one run per budget (its schedule knows T)."""
     from adaptivek import TopKSAE, TrainConfig, train_sae
     from adaptivek.evaluation import evaluate
 
@@ -92,7 +95,7 @@ def ours(optimizer: str, X: torch.Tensor, X_test: torch.Tensor, args: argparse.N
             if step in budgets:
                 seen[step] = float(evaluate(sae, X_test)["fve"])  # the formula of fve() above
 
-        _, hist = train_sae(sae, X, cfg=TrainConfig(steps=T, batch_size=args.batch, optimizer=optimizer),
+        _, hist = train_sae(sae, X, cfg=TrainConfig(steps=T, batch_size=args.batch, optimizer=optimizer, **loss),
                             progress=False, callback=at)
         scores |= {s: v for s, v in seen.items() if optimizer != "adam" or s == T}
         per_step.append(float(hist["time_s"].diff().median()))
@@ -166,7 +169,7 @@ def main() -> None:
     ap.add_argument("--steps", default="79,198", help="step budgets, comma-separated")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n-train", type=int, default=None)
-    ap.add_argument("--only", default="adam,signum,sparsify,saelens")
+    ap.add_argument("--only", default="adam,signum,signum-nol1,sparsify,saelens")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     budgets = sorted(int(s) for s in args.steps.split(","))
@@ -175,9 +178,11 @@ def main() -> None:
           f"k {args.k}, batch {args.batch}, {args.threads} threads, torch {torch.__version__}")
     runs = {"adaptivek adam": lambda: ours("adam", X, X_test, args, budgets),
             "adaptivek signum": lambda: ours("signum", X, X_test, args, budgets),
+            "adaptivek signum, sparsify's loss (no L1, no AuxK)":
+                lambda: ours("signum", X, X_test, args, budgets, l1_weight=0.0, auxk_alpha=0.0),
             "sparsify default": lambda: sparsify_default(X, X_test, args, budgets),
             "SAELens default": lambda: saelens_default(X, X_test, args, budgets)}
-    keys = dict(zip(["adam", "signum", "sparsify", "saelens"], runs, strict=True))
+    keys = dict(zip(["adam", "signum", "signum-nol1", "sparsify", "saelens"], runs, strict=True))
     rows = {}
     for key in args.only.split(","):
         name = keys[key]
