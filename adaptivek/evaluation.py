@@ -452,19 +452,16 @@ def _check_splice(lm: Any, saes: Any, layer: Any, scale: Any, mean: Any, max_nor
     return layer, mean.detach().float().flatten(), ks
 
 
-def _logits_trace(lm: Any, layer: int, ids: Tensor, mask: Tensor, pos: Tensor, *, where: Tensor | None = None,
-                  values: Tensor | None = None, read: bool = False) -> tuple[Tensor, Tensor | None]:
-    """One nnsight trace: logits at every position [B, T, vocab]; optionally reads the block output [B, T, d]
-    (``read``) or overwrites it at the positions ``where [B, T]`` with ``values [n_where, d]``."""
+def _logits_trace(lm: Any, layer: int, ids: Tensor, mask: Tensor, pos: Tensor, *, read: bool = False
+                  ) -> tuple[Tensor, Tensor | None]:
+    """One clean nnsight trace: logits at every position [B, T, vocab], and with ``read`` the block output
+    [B, T, d] (spliced passes start from it: :func:`_spliced_logp`)."""
     from .models import blocks
 
     h_saved = None
     with torch.inference_mode(), lm.trace(input_ids=ids, attention_mask=mask, position_ids=pos):
-        h = _block_out(blocks(lm)[layer])  # [B, T, d]
         if read:
-            h_saved = h.save()
-        if where is not None:
-            h[where] = values.to(h.dtype)
+            h_saved = _block_out(blocks(lm)[layer]).save()  # [B, T, d]
         logits = lm.output.logits.save()  # [B, T, vocab]
     return logits, h_saved
 

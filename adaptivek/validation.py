@@ -28,9 +28,19 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
-from .checks import finite_number, int_at_least, same_length, text_list
+from .checks import same_length, text_list
 from .complexity import COLUMNS, DIMENSIONS
-from .stats import CI, auroc, bootstrap_ci, group_bootstrap_ci, group_codes, ordered_share, spearman
+from .stats import (
+    CI,
+    _group_draws,
+    _percentile_ci,
+    auroc,
+    bootstrap_ci,
+    group_bootstrap_ci,
+    group_codes,
+    ordered_share,
+    spearman,
+)
 
 BROWN_HARD = ("learned", "government")
 BROWN_EASY = ("adventure", "romance", "mystery", "fiction", "science_fiction")
@@ -171,20 +181,12 @@ def group_spearman_ci(a: Any, b: Any, groups: Any, *, n_boot: int = 1000, seed: 
     sizes = torch.bincount(g.codes)  # [G] rows per group
     if len(sizes) < 2 or not bool((sizes == sizes[0]).all()):
         return group_bootstrap_ci(lambda x, y: spearman(x, y), a, b, groups=g, n_boot=n_boot, seed=seed, alpha=alpha)
-    int_at_least(n_boot, "n_boot")
-    finite_number(alpha, "alpha", low=0, high=1, low_open=True, high_open=True)
     ta, tb = (torch.as_tensor(np.asarray(x, dtype=np.float64)) for x in (a, b))
     same_length(ta, g.codes, "scores", "groups")
+    g, draws = _group_draws(g, len(ta), n_boot, seed, alpha)  # [B, G]: the draws group_bootstrap_ci makes
     rows = torch.argsort(g.codes, stable=True).reshape(len(sizes), int(sizes[0]))  # [G, m] each group's rows
-    draws = torch.randint(0, len(sizes), (n_boot, len(sizes)), generator=torch.Generator().manual_seed(int(seed)))
     idx = rows[draws].reshape(n_boot, -1)  # [B, G * m]: every row of every drawn group, as group_bootstrap_ci
-    stats = spearman(ta[idx], tb[idx])  # [B]
-    stats = stats[torch.isfinite(stats)]
-    est = float(spearman(ta, tb))
-    if stats.numel() == 0:
-        return CI(est, np.nan, np.nan)
-    q = torch.quantile(stats, torch.tensor([alpha / 2, 1 - alpha / 2], dtype=torch.float64))
-    return CI(est, float(q[0]), float(q[1]))
+    return _percentile_ci(float(spearman(ta, tb)), spearman(ta[idx], tb[idx]), alpha)
 
 
 # ------------------------------------------------------------------------------------ LLM agreement
