@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -235,6 +236,12 @@ def chapter_parameters(notebook: Path, profile: dict[str, Any], extra: dict[str,
     return params
 
 
+KERNEL_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
+"""glibc settings for the chapters' kernels: large tensors come from the heap and freed memory stays there, so
+a tensor the size of [tokens, vocab] reuses pages instead of faulting in fresh ones on every allocation (the
+splice's softmax-sized temporaries spent most of their time in page faults). Other C libraries ignore them."""
+
+
 def run_book(
     profile: str = "quick",
     *,
@@ -261,6 +268,8 @@ def run_book(
     if prof.get("estimate"):
         log(f"estimate: {prof['estimate']}")
     runs: list[ChapterRun] = []
+    for key, value in KERNEL_ENV.items():  # the chapters' kernels inherit it (a value set by the user wins)
+        os.environ.setdefault(key, value)
     for nb in chapters:
         params = chapter_parameters(nb, prof, extra)
         log(f"[{nb.stem}] running with {json.dumps({k: v for k, v in params.items() if k != 'artifacts_dir'})}")

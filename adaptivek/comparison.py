@@ -79,7 +79,10 @@ class CompareConfig:
     n_ce: int = 200
     """The downstream loss runs on the first ``n_ce`` test texts."""
     ce_batch_size: int = 32
-    """Texts per batch of the downstream loss."""
+    """Texts per batch of the one-position downstream loss."""
+    splice_batch_size: int = 8
+    """Texts per batch of the every-position splice (texts of similar length share a batch; each batch holds
+    a few [its tokens, vocab] float32 tensors, so a large vocabulary wants a smaller batch)."""
     eval_batch_size: int = 4096
     """Rows per batch of :func:`~adaptivek.evaluation.evaluate`."""
     device: str | torch.device | None = None
@@ -97,7 +100,8 @@ class CompareConfig:
     threshold is calibrated there and JumpReLU's L0 checked there. 0: calibrate on training vectors."""
 
     def __post_init__(self) -> None:
-        for name in ("d_sae", "n_boot", "n_bins", "max_length", "n_ce", "ce_batch_size", "eval_batch_size"):
+        for name in ("d_sae", "n_boot", "n_bins", "max_length", "n_ce", "ce_batch_size", "splice_batch_size",
+                     "eval_batch_size"):
             checks.positive_int(getattr(self, name), name)
         checks.positive_int(self.steps, "steps", allow_none=True)
         checks.positive_int(self.batch_size, "batch_size", allow_none=True)
@@ -344,7 +348,7 @@ def _train_direct(lu: Lineup, cfg: CompareConfig, data: dict[str, Any]) -> list[
         s = lineup.for_seed(lu, seed)
         lineup.train_adaptivek(s, [cfg.ablation])
         if cfg.batchtopk != "none":
-            lineup.train_batchtopk(s, [ada])
+            lineup.train_batchtopk(s, [ada], batch_rule=False)  # only its threshold is compared seed by seed
         lineup.train_ablations(s, ada, data["lengths_train"], data["lengths_test"])
         lineup.train_matched_topk(s, ada)
         if cfg.jumprelu:
@@ -407,16 +411,19 @@ def _oracle(lu: Lineup, ada: str, topk: str) -> dict[str, Any]:
 
 def _splice(lu: Lineup, cfg: CompareConfig, lm: Any, splice: Mapping[str, Any], mean_train: Tensor
             ) -> dict[str, Any]:
-    """CE loss recovered and KL at every kept position of held-out texts for AdaptiveK and the SAEs compared
-    with it directly (the ablations' k belongs to test rows, so they are not spliced), with intervals that
+    """CE loss recovered and KL at every kept position of held-out texts for AdaptiveK, the matched TopK
+    nearest its budget, BatchTopK and JumpReLU (the ablations' k belongs to test rows, so they are not
+    spliced; each spliced SAE costs the blocks after the layer over every token), with intervals that
     resample documents and paired differences to AdaptiveK."""
     t0, ada = time.perf_counter(), _ablated(cfg)
-    names = [ada, *lu.names.get("matched", []), *[n for lbl, n in _direct_names(lu, cfg).items()
-                                                 if lbl in ("batchtopk", "jumprelu")]]
+    matched = lu.names.get("matched", [])
+    nearest = min(matched, key=lambda n: abs(lu.meta[n]["k"] - lu.meta[n]["target_k"]), default=None)
+    names = [ada, *([nearest] if nearest else []), *[n for lbl, n in _direct_names(lu, cfg).items()
+                                                     if lbl in ("batchtopk", "jumprelu")]]
     lu.say(f"splicing {len(names)} SAEs at every position of {len(splice['texts'])} held-out texts")
     res = splice_metrics(lm, {n: lu.saes[n] for n in names}, list(splice["texts"]), cfg.layer, scale=cfg.scale,
                          mean=mean_train, max_norm=splice.get("max_norm"), drop_first=splice.get("drop_first", 1),
-                         max_length=cfg.max_length, batch_size=cfg.ce_batch_size, progress=cfg.progress)
+                         max_length=cfg.max_length, batch_size=cfg.splice_batch_size, progress=cfg.progress)
     table = splice_intervals(res, list(splice["documents"]), reference=ada, n_boot=cfg.n_boot, seed=cfg.seed)
     keep = ("ce_sae", "delta_ce", "frac_recovered_zero", "frac_recovered_mean", "kl", "l0_mean")
     return {"n_tokens": res["n_tokens"], "n_texts": res["n_texts"], "counts": res["counts"],

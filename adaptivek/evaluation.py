@@ -452,18 +452,44 @@ def _check_splice(lm: Any, saes: Any, layer: Any, scale: Any, mean: Any, max_nor
     return layer, mean.detach().float().flatten(), ks
 
 
-def _logits_trace(lm: Any, layer: int, ids: Tensor, mask: Tensor, pos: Tensor, *, read: bool = False
-                  ) -> tuple[Tensor, Tensor | None]:
-    """One clean nnsight trace: logits at every position [B, T, vocab], and with ``read`` the block output
-    [B, T, d] (spliced passes start from it: :func:`_spliced_logp`)."""
+def _logits_trace(lm: Any, layer: int, ids: Tensor, mask: Tensor, pos: Tensor, *, read: bool = False,
+                  at: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """One clean nnsight trace: logits [B, T, vocab] (with ``at [B, T]`` bool: only there, [m, vocab]), and
+    with ``read`` the block output [B, T, d] (spliced passes start from it: :func:`_spliced_logits`)."""
     from .models import blocks
 
     h_saved = None
-    with torch.inference_mode(), lm.trace(input_ids=ids, attention_mask=mask, position_ids=pos):
+    with torch.inference_mode(), _head_at(lm, at), lm.trace(input_ids=ids, attention_mask=mask, position_ids=pos):
         if read:
             h_saved = _block_out(blocks(lm)[layer]).save()  # [B, T, d]
-        logits = lm.output.logits.save()  # [B, T, vocab]
+        logits = lm.output.logits.save()  # [B, T, vocab] or [m, vocab]
     return logits, h_saved
+
+
+@contextmanager
+def _head_at(lm: Any, at: Tensor | None) -> Iterator[None]:
+    """While open, the output embedding computes logits only at ``at [B, T]`` (bool), returning [m, vocab]:
+    a scored token costs the unembedding, a padding, first or last position does not. Anything the model
+    applies after it (Gemma-2's logit soft-capping) is elementwise, so it works on [m, vocab] alike."""
+    from .models import _hf
+
+    if at is None:
+        yield
+        return
+    head = _hf(lm).get_output_embeddings()
+    kept, inner = head.__dict__.get("forward"), head.forward
+
+    def forward(x: Tensor) -> Tensor:
+        return inner(x[at] if x.dim() == 3 else x)
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        if kept is None:
+            del head.forward
+        else:
+            head.forward = kept
 
 
 def _batch_positions(lm: Any, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -476,6 +502,33 @@ def _batch_positions(lm: Any, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor
     return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
 
 
+class _CleanDist:
+    """The clean next-token distribution at the scored positions, kept once per batch for every SAE's CE
+    and KL: ``lse`` [m] (log-normaliser), ``p`` [m, vocab] (probabilities), ``logits`` [m, vocab] (float32)."""
+
+    def __init__(self, logits: Tensor) -> None:
+        self.logits = logits.float()
+        self.lse = torch.logsumexp(self.logits, dim=-1)  # [m]
+        self.p = torch.exp(self.logits - self.lse[:, None])  # [m, vocab]
+        self.mass = self.p.sum(-1)  # [m], 1 up to rounding
+
+    def nll(self, target: Tensor) -> Tensor:
+        return _nll_from_logits(self.logits, self.lse, target)
+
+    def kl_to(self, logits: Tensor) -> Tensor:
+        """KL(clean || spliced) [m] = Σ p (z₀ - z) + (lse - lse₀) Σ p: exactly 0 where the logits agree,
+        and no large terms cancel (``logits`` [m, vocab] float32 is overwritten)."""
+        with torch.inference_mode():
+            lse = torch.logsumexp(logits, dim=-1)
+            diff = torch.sub(self.logits, logits, out=logits)  # z₀ - z, in place
+            return (torch.linalg.vecdot(self.p, diff).double() + (lse - self.lse).double() * self.mass.double()).cpu()
+
+
+def _nll_from_logits(logits: Tensor, lse: Tensor, target: Tensor) -> Tensor:
+    """Per-token cross-entropy [m] (float64 CPU): ``lse - z[target]``."""
+    return (lse - logits.gather(1, target[:, None]).squeeze(1)).double().cpu()
+
+
 def _splice_batch(lm: Any, layer: int, ids: Tensor, mask: Tensor, text: Tensor, saes: Mapping[str, Encoder],
                   ks: dict[str, Any], scale: float, mean: Tensor, max_norm: float | None, drop_first: int
                   ) -> dict[str, Tensor]:
@@ -484,30 +537,34 @@ def _splice_batch(lm: Any, layer: int, ids: Tensor, mask: Tensor, text: Tensor, 
     Returns per-token tensors (scored positions, row-major): ``text``, ``position``, ``clean``, ``zero``,
     ``mean``, ``saes: {name: {"ce", "kl", "l0"}}``, and ``counts`` (0-d tensors) of the batch."""
     ids, mask, pos = _batch_positions(lm, ids, mask)
-    logits, h = _logits_trace(lm, layer, ids, mask, pos, read=True)
     real = mask.bool()
+    has_next = real.clone()  # positions with a next token: every pass computes logits there only
+    has_next[:, :-1] &= real[:, 1:]
+    has_next[:, -1] = False
+    logits, h = _logits_trace(lm, layer, ids, mask, pos, read=True, at=has_next)  # [m_next, vocab], [B, T, d]
     norm_ok = torch.ones_like(real) if max_norm is None else h.float().norm(dim=-1) <= max_norm  # [B, T]
     spliced = real & (pos >= drop_first) & norm_ok  # positions the SAEs reconstruct
-    score = spliced.clone()
-    score[:, :-1] &= real[:, 1:]  # scored: spliced, with a next token to predict
-    score[:, -1] = False
+    score = spliced & has_next  # scored: spliced, with a next token to predict
+    keep = score[has_next]  # [m_next] -> the scored rows of every pass's logits
     target = ids[:, 1:][score[:, :-1]]  # [m] the next token of each scored position
-    logp = torch.log_softmax(logits[score].float(), dim=-1)  # [m, vocab] clean
+    clean = _CleanDist(logits[keep])
     del logits
     out: dict[str, Any] = {
         "text": text[:, None].expand_as(score.cpu())[score.cpu()], "position": pos[score].cpu(),
-        "clean": _nll(logp, target), "saes": {},
+        "clean": clean.nll(target), "saes": {},
         "counts": {"tokens": real.sum(), "excluded_first_positions": (real & (pos < drop_first)).sum(),
                    "excluded_extreme_norm": (real & (pos >= drop_first) & ~norm_ok).sum(), "spliced": spliced.sum()}}
     x = h[spliced].float()  # [n_spliced, d] model units
     for name, vec in (("zero", torch.zeros_like(x)), ("mean", mean.to(x.device).expand_as(x))):
-        out[name] = _nll(_spliced_logp(lm, layer, (ids, mask, pos), h, spliced, vec, score), target)
+        z = _spliced_logits(lm, layer, (ids, mask, pos), h, spliced, vec, has_next)[keep]
+        out[name] = _nll_from_logits(z, torch.logsumexp(z, dim=-1), target)
     for name, sae in saes.items():
         x_hat, l0 = _reconstruct_rows(sae, x, ks[name], scale)
-        logp_s = _spliced_logp(lm, layer, (ids, mask, pos), h, spliced, x_hat, score)
+        z = _spliced_logits(lm, layer, (ids, mask, pos), h, spliced, x_hat, has_next)[keep]
         l0_full = torch.zeros(score.shape, dtype=torch.int64)
         l0_full[spliced.cpu()] = l0
-        out["saes"][name] = {"ce": _nll(logp_s, target), "kl": _kl(logp, logp_s), "l0": l0_full[score.cpu()]}
+        ce = _nll_from_logits(z, torch.logsumexp(z, dim=-1), target)
+        out["saes"][name] = {"ce": ce, "kl": clean.kl_to(z), "l0": l0_full[score.cpu()]}
     return out
 
 
@@ -522,18 +579,18 @@ def _nll(logp: Tensor, target: Tensor) -> Tensor:
     return -logp.gather(1, target[:, None]).squeeze(1).double().cpu()
 
 
-def _spliced_logp(lm: Any, layer: int, batch: tuple[Tensor, Tensor, Tensor], h: Tensor, where: Tensor,
-                  values: Tensor, score: Tensor) -> Tensor:
-    """Log-probabilities [m, vocab] at the scored positions with ``values`` written into the clean block
-    output ``h [B, T, d]`` at ``where``; only the blocks after ``layer`` run (:func:`_start_after`)."""
+def _spliced_logits(lm: Any, layer: int, batch: tuple[Tensor, Tensor, Tensor], h: Tensor, where: Tensor,
+                    values: Tensor, at: Tensor) -> Tensor:
+    """Logits [m, vocab] (float32) at ``at [B, T]`` with ``values`` written into the clean block output
+    ``h [B, T, d]`` at ``where``: only the blocks after ``layer`` run (:func:`_start_after`), and the
+    unembedding only at ``at`` (:func:`_head_at`)."""
     from .models import _hf
 
     ids, mask, pos = batch
     h = h.clone()
     h[where] = values.to(h.dtype)
-    with torch.inference_mode(), _start_after(lm, layer, h):
-        logits = _hf(lm)(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits  # [B, T, vocab]
-    return torch.log_softmax(logits[score].float(), dim=-1)
+    with torch.inference_mode(), _start_after(lm, layer, h), _head_at(lm, at):
+        return _hf(lm)(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits.float()
 
 
 @contextmanager

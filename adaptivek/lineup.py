@@ -146,11 +146,11 @@ def train_adaptivek(lineup: Lineup, k_ranges: Sequence[tuple[int, int]]) -> list
     return names
 
 
-def train_batchtopk(lineup: Lineup, matched_to: Sequence[str]) -> list[str]:
+def train_batchtopk(lineup: Lineup, matched_to: Sequence[str], batch_rule: bool = True) -> list[str]:
     """BatchTopK at the mean training k of each AdaptiveK SAE in ``matched_to``, recorded twice: with its
     threshold (``batchtopk_K``; calibrated by ``freeze`` on the validation vectors, documents no SAE
-    trained on, or on the training vectors without them) and with its batch rule applied to the held-out
-    set as one batch (``batchtopk_K_batch``: mean L0 = k exactly)."""
+    trained on, or on the training vectors without them) and, with ``batch_rule``, with its batch rule
+    applied to the held-out set as one batch (``batchtopk_K_batch``: mean L0 = k exactly)."""
     names = lineup.names.setdefault("batchtopk", [])
     for ada in matched_to:
         k = max(1, round(lineup.meta[ada]["k_train_mean"]))
@@ -163,10 +163,13 @@ def train_batchtopk(lineup: Lineup, matched_to: Sequence[str]) -> list[str]:
         sae.freeze(lineup.Xval if lineup.Xval is not None else lineup.Xtr, seed=lineup.seed)
         lineup.meta[name] |= {"threshold": float(sae.threshold), "threshold_ema": sae.threshold_ema,
                               "calibrated_on": on}
+        names.append(name)
+        if not batch_rule:
+            continue
         lineup.saes[batch], lineup.meta[batch] = sae, lineup.meta[name] | {"inference": "batch rule"}
         lineup.eval_k[batch] = sae.batch_k(lineup.Xte).clamp(min=1)
         lineup.ce_k[batch] = lambda x, sae=sae: sae.batch_k(x).clamp(min=1)  # the rule per downstream batch
-        names += [name, batch]
+        names.append(batch)
     return names
 
 

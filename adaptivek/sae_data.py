@@ -66,6 +66,25 @@ class SAEData:
         """Row of each text's last kept token in ``split`` (every row in ``last_token`` mode)."""
         return last_token_rows(getattr(self, split).text_index)
 
+    def splice_texts(self, n_tokens: int, *, seed: int = 0, split: Literal["train", "test"] = "test") -> list[int]:
+        """Text ids of ``split`` in a seeded random order, as few as give at least ``n_tokens`` scored tokens
+        when spliced at every kept position (:func:`~adaptivek.evaluation.splice_metrics` scores a kept token
+        with a next token: at least each text's kept tokens minus one). Too few held-out tokens is an error."""
+        if self.mode != "all_tokens":
+            raise ValueError("splice_texts needs token-level data (mode='all_tokens'); in last_token mode the "
+                             "rows are one per context: splice the texts themselves")
+        if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
+            raise ValueError(f"n_tokens must be a positive int, got {n_tokens!r}")
+        ids, kept = torch.unique(getattr(self, split).text_index, return_counts=True)  # [T] texts, kept tokens
+        order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))
+        scored = (kept[order] - 1).cumsum(0)  # scored tokens (at least) after each text in this order
+        if len(scored) == 0 or int(scored[-1]) < n_tokens:
+            have = int(scored[-1]) if len(scored) else 0
+            raise ValueError(f"the {split} split holds about {have:,} scorable tokens in {len(ids)} texts, fewer than "
+                             f"n_tokens={n_tokens:,}: lower n_tokens or hold out more texts (test_frac, n_texts)")
+        n = int(torch.searchsorted(scored, n_tokens)) + 1  # the first prefix of texts that reaches n_tokens
+        return ids[order[:n]].tolist()
+
     def downstream_rows(self, split: Literal["train", "test"] = "test") -> tuple[Tensor, Tensor]:
         """``(text ids [m], rows [m])`` for a downstream loss on ``split``'s texts: each text once, in row
         order, with the row of the position the loss splices (the second-to-last token; the last kept row

@@ -2,8 +2,8 @@
 
 One SAE's share of :func:`adaptivek.evaluation.splice_metrics`: its reconstruction of every kept position,
 the spliced forward pass (only the blocks after the layer run: the earlier blocks' output is the clean
-pass's; logits at every position) and the per-token CE and KL, divided by one clean forward pass of the same
-batch with logits at every position (target: <= 1.5x). Also the whole
+pass's; logits only where a next token is scored) and the per-token CE and KL, divided by one clean forward
+pass of the same batch with logits at every position (target: <= 1.5x). Also the whole
 ``splice_metrics`` call with one SAE (clean, zero- and mean-ablation, the SAE: about 4 forward passes) in
 the same unit (``--whole``). Embedded SmolLM2-135M, a few texts of the embedded corpus truncated to 128 tokens, a TopK
 SAE of chapter 5's size (random weights: the cost does not depend on them).
@@ -22,7 +22,15 @@ import time
 import torch
 
 import adaptivek
-from adaptivek.evaluation import _batch_positions, _logits_trace, _reconstruct_rows, _spliced_logp, _tokenize
+from adaptivek.evaluation import (
+    _batch_positions,
+    _CleanDist,
+    _logits_trace,
+    _nll_from_logits,
+    _reconstruct_rows,
+    _spliced_logits,
+    _tokenize,
+)
 
 
 def main() -> None:
@@ -46,21 +54,21 @@ def main() -> None:
     sae = adaptivek.TopKSAE(d, args.d_sae, args.k, seed=0).eval()
     mean = torch.zeros(d)
     ids, mask, pos = _batch_positions(lm, *_tokenize(lm.tokenizer, texts, args.tokens))
-    logits, h = _logits_trace(lm, args.layer, ids, mask, pos, read=True)
     where = (pos >= 1) & mask.bool()  # every position but the sink
     score = where.clone()
     score[:, -1] = False
     target = ids[:, 1:][score[:, :-1]]
-    logp = torch.log_softmax(logits[score].float(), -1)
+    logits, h = _logits_trace(lm, args.layer, ids, mask, pos, read=True, at=score)
+    ref = _CleanDist(logits)
 
     def clean():
         _logits_trace(lm, args.layer, ids, mask, pos)
 
     def one_sae():
         x_hat, _ = _reconstruct_rows(sae, h[where].float(), None, 1.0)
-        logp_s = _spliced_logp(lm, args.layer, (ids, mask, pos), h, where, x_hat, score)  # blocks after the layer
-        -logp_s.gather(1, target[:, None])  # per-token CE
-        (logp.exp() * (logp - logp_s)).sum(-1)  # per-token KL
+        z = _spliced_logits(lm, args.layer, (ids, mask, pos), h, where, x_hat, score)  # blocks after the layer
+        _nll_from_logits(z, torch.logsumexp(z, -1), target)  # per-token CE
+        ref.kl_to(z)  # per-token KL
 
     def whole():
         adaptivek.evaluation.splice_metrics(lm, {"topk": sae}, texts, args.layer, scale=1.0, mean=mean,

@@ -113,3 +113,22 @@ def test_prefix_labels_are_cached_verified_and_rebuilt(tmp_path, smol_tokenizer)
     with pytest.warns(CacheWarning, match="unusable"):
         rebuilt = cached_prefix_labels(tmp_path, smol_tokenizer, texts, 48, first=8, every=4)
     assert torch.equal(rebuilt[1], index) and files[1].read_bytes() == data
+
+
+def test_splice_texts_reach_the_token_target_with_as_few_texts_as_possible():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(2, 30, (40,), generator=g)
+    ti = torch.repeat_interleave(torch.arange(40), lengths)
+    docs = np.array([f"d{i // 2}" for i in range(40)])
+    data = build_sae_data(torch.randn(len(ti), 4, generator=g), ti, docs, torch.randn(len(ti), generator=g),
+                          mode="all_tokens", train_texts=range(20), test_texts=range(20, 40))
+    kept = torch.bincount(data.test.text_index, minlength=40)
+    picked = data.splice_texts(100, seed=3)
+    assert set(picked) <= set(range(20, 40)) and len(set(picked)) == len(picked)
+    scored = [int(kept[t]) - 1 for t in picked]
+    assert sum(scored) >= 100 and sum(scored[:-1]) < 100  # enough, and no text more than needed
+    assert picked == data.splice_texts(100, seed=3) and picked != data.splice_texts(100, seed=4)
+    with pytest.raises(ValueError, match="fewer than n_tokens"):
+        data.splice_texts(int(kept.sum()) + 1)
+    with pytest.raises(ValueError, match="positive int"):
+        data.splice_texts(0)
