@@ -80,6 +80,11 @@ class TrainConfig:
     lr: float | None = None
     """Learning rate of the SAE. None: the optimiser's default, Adam 1e-3 (reference, default betas) or
     sign-SGD ``5e-3 / sqrt(d_sae / 2**14)`` (sparsify's)."""
+    enc_init_scale: float | None = None
+    """Factor on the encoder's initial weights at the start of a fresh run. None: the optimiser's recipe, 1 for
+    Adam (``W_enc = W_decᵀ``, the reference's) and ``1/√3`` for sign-SGD (sparsify's ``nn.Linear`` init: encoder
+    rows of norm about 1/√3 against unit decoder rows). A sign step moves every weight by ``lr`` whatever its
+    size, so with sign-SGD the weights' scale sets the effective step and belongs to the recipe with ``lr``."""
     warmup_steps: int = 15
     """Linear warm-up steps (reference 15 for AdaptiveK)."""
     decay_start: float = 0.8
@@ -162,7 +167,8 @@ class TrainConfig:
                 raise bad(name, "must be an int")
         if self.warmup_steps < 0:
             raise bad("warmup_steps", "must be >= 0")
-        for name in ("epochs", "probe_lr", "k_temperature") + (("lr",) if self.lr is not None else ()):
+        for name in ("epochs", "probe_lr", "k_temperature") + (("lr",) if self.lr is not None else ()) + (
+                ("enc_init_scale",) if self.enc_init_scale is not None else ()):
             if not (math.isfinite(number(name)) and getattr(self, name) > 0):
                 raise bad(name, "must be a finite number > 0 (inf or NaN would train to NaN weights)")
         if not number("grad_clip") > 0:
@@ -198,6 +204,12 @@ class TrainConfig:
         if self.k_aux is not None and (isinstance(self.k_aux, bool) or not isinstance(self.k_aux, int)
                                        or self.k_aux < 0):
             raise bad("k_aux", "must be a non-negative int or None (d_in // 2)")
+
+    def encoder_scale(self) -> float:
+        """The factor on the encoder's initial weights (:attr:`enc_init_scale`, or the optimiser's)."""
+        if self.enc_init_scale is not None:
+            return float(self.enc_init_scale)
+        return 1.0 if self.optimizer == "adam" else 1 / math.sqrt(3)
 
     def sae_lr(self, d_sae: int) -> float:
         """The SAE's learning rate: ``lr``, or the optimiser's default for ``d_sae`` latents."""
@@ -580,6 +592,8 @@ def _prepare(sae: SparseAutoencoder, xb: torch.Tensor, cfg: TrainConfig, s: int)
     after every step) or before every step (sign-SGD: at each gradient point, as sparsify's trainer does)."""
     if s == 0:
         sae.init_b_dec(xb, cfg.init_b_dec)
+        with torch.no_grad():
+            sae.W_enc.mul_(cfg.encoder_scale())
     if s == 0 or cfg.optimizer == "signum":
         sae.set_decoder_norm_to_unit_norm()
 

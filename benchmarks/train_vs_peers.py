@@ -9,7 +9,8 @@ batch order and is scored on the same held-out tokens (other documents) with one
 
 * ``adaptivek adam``: ``TrainConfig(optimizer="adam")``, the reference code's recipe (Adam 1e-3, warm-up,
   decay to 0 over the run: one run per step budget);
-* ``adaptivek signum``: ``TrainConfig(optimizer="signum")``, sign-SGD with a schedule-free average;
+* ``adaptivek signum``: ``TrainConfig(optimizer="signum")``, sign-SGD with a schedule-free average, the encoder
+  starting at 1/√3 of its initial weights (sparsify's init scale, ``TrainConfig.enc_init_scale``);
 * ``adaptivek signum, sparsify's loss``: the same with ``l1_weight=0, auxk_alpha=0``, the loss sparsify trains
   by default (a sign step ignores the loss's scale, so our per-element MSE and its FVU step alike);
 * ``sparsify default``: ``sparsify.SparseCoder`` trained with sparsify's own default optimiser (its

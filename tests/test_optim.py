@@ -185,3 +185,23 @@ def test_looking_at_the_average_leaves_the_run_unchanged():
     assert len(fves) == 12
     for k, v in quiet.state_dict().items():
         assert torch.equal(v, looked.state_dict()[k]), k
+
+
+@pytest.mark.parametrize(("optimizer", "scale", "factor"), [("adam", None, 1.0), ("signum", None, 3 ** -0.5),
+                                                             ("signum", 0.25, 0.25), ("adam", 2.0, 2.0)])
+def test_encoder_starts_at_the_recipes_scale(optimizer, scale, factor):
+    from adaptivek.training import _prepare
+
+    sae = TopKSAE(8, 16, 2, seed=0)
+    before = sae.W_enc.detach().clone()
+    cfg = TrainConfig(optimizer=optimizer, enc_init_scale=scale, batch_size=4, steps=2)
+    _prepare(sae, torch.randn(4, 8, generator=torch.Generator().manual_seed(1)), cfg, 0)
+    assert torch.allclose(sae.W_enc.detach(), before * factor)
+    _prepare(sae, torch.randn(4, 8), cfg, 1)  # only a fresh run's first step rescales
+    assert torch.allclose(sae.W_enc.detach(), before * factor)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_encoder_scale_is_refused(bad):
+    with pytest.raises(ValueError, match="enc_init_scale"):
+        TrainConfig(enc_init_scale=bad)
