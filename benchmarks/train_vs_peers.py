@@ -2,6 +2,7 @@
 
     python benchmarks/train_vs_peers.py                       # the quick book's layer-12 tokens, 2 threads
     python benchmarks/train_vs_peers.py --steps 79,198 --d-sae 4608 --k 32 --batch 4096
+    python benchmarks/train_vs_peers.py --only signum,sparsify --seeds 0,1,2   # our sign-SGD against sparsify
 
 Every run trains a TopK SAE (``--d-sae`` latents, ``--k`` active) on the same training tokens in the same
 batch order and is scored on the same held-out tokens (other documents) with one formula,
@@ -22,8 +23,9 @@ batch order and is scored on the same held-out tokens (other documents) with one
 * ``PCA``: the held-out FVE of the top-``k`` principal components of the training tokens.
 
 The peers come from the ``interop`` extra (``pip install -e .[interop]``); a missing one is skipped with a
-message. Prints held-out FVE at each step budget and the median seconds per step (evaluation excluded), and
-our signum step time over our Adam step's and over sparsify's. Data: the quick book's cached activations (run ``make book`` first);
+message. Prints held-out FVE at each step budget (mean ± sd over ``--seeds``; each seed sets every run's initial
+weights and batch order) and the median seconds per step (evaluation excluded), our signum step time over our
+Adam step's and over sparsify's, and our signum's FVE minus sparsify's, paired seed by seed. Data: the quick book's cached activations (run ``make book`` first);
 ``--n-train`` caps the training tokens.
 """
 
@@ -80,7 +82,7 @@ def run_peer(step: Callable[[torch.Tensor], None], recon: Callable[[torch.Tensor
 
 
 def ours(optimizer: str, X: torch.Tensor, X_test: torch.Tensor, args: argparse.Namespace, budgets: list[int],
-         **loss: float) -> tuple[dict[int, float], float]:
+         seed: int, **loss: float) -> tuple[dict[int, float], float]:
     """adaptivek's train_sae with ``optimizer`` (and ``loss``: TrainConfig's loss weights, e.g. l1_weight=0);
     Adam gets one run per budget (its schedule knows T)."""
     from adaptivek import TopKSAE, TrainConfig, train_sae
@@ -90,28 +92,30 @@ def ours(optimizer: str, X: torch.Tensor, X_test: torch.Tensor, args: argparse.N
     runs = budgets if optimizer == "adam" else [max(budgets)]
     for T in runs:
         seen: dict[int, float] = {}
-        sae = TopKSAE(X.shape[1], args.d_sae, args.k, seed=0)
+        sae = TopKSAE(X.shape[1], args.d_sae, args.k, seed=seed)
 
         def at(step: int, row: dict, sae=sae, seen=seen) -> None:
             if step in budgets:
                 seen[step] = float(evaluate(sae, X_test)["fve"])  # the formula of fve() above
 
-        _, hist = train_sae(sae, X, cfg=TrainConfig(steps=T, batch_size=args.batch, optimizer=optimizer, **loss),
+        _, hist = train_sae(sae, X, cfg=TrainConfig(steps=T, batch_size=args.batch, optimizer=optimizer, seed=seed,
+                                                         **loss),
                             progress=False, callback=at)
         scores |= {s: v for s, v in seen.items() if optimizer != "adam" or s == T}
         per_step.append(float(hist["time_s"].diff().median()))
     return scores, statistics.median(per_step)
 
 
-def sparsify_default(X: torch.Tensor, X_test: torch.Tensor, args: argparse.Namespace, budgets: list[int]):
+def sparsify_default(X: torch.Tensor, X_test: torch.Tensor, args: argparse.Namespace, budgets: list[int],
+                     seed: int):
     """sparsify's SparseCoder and default optimiser, stepped as its Trainer steps (fvu loss, no AuxK)."""
     from schedulefree import ScheduleFreeWrapper
     from sparsify import SparseCoder, SparseCoderConfig
     from sparsify.sign_sgd import SignSGD
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     sae = SparseCoder(X.shape[1], SparseCoderConfig(num_latents=args.d_sae, k=args.k), device="cpu")
-    order = batches(len(X), args.batch, max(budgets))
+    order = batches(len(X), args.batch, max(budgets), seed)
     sae.b_dec.data = X[order[0]].mean(0)
     sae.set_decoder_norm_to_unit_norm()
     opt = ScheduleFreeWrapper(SignSGD(sae.parameters(), lr=5e-3 / (args.d_sae / 2**14) ** 0.5), momentum=0.95)
@@ -133,12 +137,13 @@ def sparsify_default(X: torch.Tensor, X_test: torch.Tensor, args: argparse.Names
     return run_peer(step, recon, X, X_test, order, budgets)
 
 
-def saelens_default(X: torch.Tensor, X_test: torch.Tensor, args: argparse.Namespace, budgets: list[int]):
+def saelens_default(X: torch.Tensor, X_test: torch.Tensor, args: argparse.Namespace, budgets: list[int],
+                    seed: int):
     """SAELens' TopK training SAE with its trainer's default step (Adam 3e-4, clipping at 1)."""
     from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.saes.sae import TrainStepInput
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=X.shape[1], d_sae=args.d_sae, k=args.k, device="cpu"))
     opt = torch.optim.Adam(sae.parameters(), lr=3e-4, betas=(0.9, 0.999))
     n = [0]
@@ -157,7 +162,7 @@ def saelens_default(X: torch.Tensor, X_test: torch.Tensor, args: argparse.Namesp
         sae.eval()
         return sae(x)
 
-    return run_peer(step, recon, X, X_test, batches(len(X), args.batch, max(budgets)), budgets)
+    return run_peer(step, recon, X, X_test, batches(len(X), args.batch, max(budgets), seed), budgets)
 
 
 def main() -> None:
@@ -171,40 +176,60 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n-train", type=int, default=None)
     ap.add_argument("--only", default="adam,signum,signum-nol1,sparsify,saelens")
+    ap.add_argument("--seeds", default="0", help="training seeds (initial weights and batch order), comma-separated")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     budgets = sorted(int(s) for s in args.steps.split(","))
     X, X_test = load_tokens(args)
     print(f"{len(X):,} training / {len(X_test):,} held-out tokens, d_in {X.shape[1]}, d_sae {args.d_sae}, "
           f"k {args.k}, batch {args.batch}, {args.threads} threads, torch {torch.__version__}")
-    runs = {"adaptivek adam": lambda: ours("adam", X, X_test, args, budgets),
-            "adaptivek signum": lambda: ours("signum", X, X_test, args, budgets),
+    runs = {"adaptivek adam": lambda seed: ours("adam", X, X_test, args, budgets, seed),
+            "adaptivek signum": lambda seed: ours("signum", X, X_test, args, budgets, seed),
             "adaptivek signum, sparsify's loss (no L1, no AuxK)":
-                lambda: ours("signum", X, X_test, args, budgets, l1_weight=0.0, auxk_alpha=0.0),
-            "sparsify default": lambda: sparsify_default(X, X_test, args, budgets),
-            "SAELens default": lambda: saelens_default(X, X_test, args, budgets)}
+                lambda seed: ours("signum", X, X_test, args, budgets, seed, l1_weight=0.0, auxk_alpha=0.0),
+            "sparsify default": lambda seed: sparsify_default(X, X_test, args, budgets, seed),
+            "SAELens default": lambda seed: saelens_default(X, X_test, args, budgets, seed)}
     keys = dict(zip(["adam", "signum", "signum-nol1", "sparsify", "saelens"], runs, strict=True))
-    rows = {}
+    seeds = [int(s) for s in args.seeds.split(",")]
+    rows: dict[str, list[tuple[dict[int, float], float]]] = {}
     for key in args.only.split(","):
         name = keys[key]
         try:
-            rows[name] = runs[name]()
+            rows[name] = [runs[name](seed) for seed in seeds]
         except ImportError as e:
             print(f"skipped {name}: {e.name or e} is not installed (pip install -e '.[interop]')")
             continue
-        print(f"  {name}: " + ", ".join(f"{b} steps {v:.3f}" for b, v in rows[name][0].items())
-              + f"; {rows[name][1]:.3f} s/step", flush=True)
-    print("| run (held-out FVE) | " + " | ".join(f"{b} steps" for b in budgets) + " | s/step |")
+        for seed, (scores, sec) in zip(seeds, rows[name], strict=True):
+            print(f"  {name}, seed {seed}: " + ", ".join(f"{b} steps {v:.4f}" for b, v in scores.items())
+                  + f"; {sec:.3f} s/step", flush=True)
+    print_table(rows, budgets, seeds, pca_fve(X, X_test, [args.k])[args.k], args.k)
+
+
+def _mean_sd(values: list[float]) -> str:
+    return f"{statistics.mean(values):.3f}" + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
+
+
+def print_table(rows: dict[str, list[tuple[dict[int, float], float]]], budgets: list[int], seeds: list[int],
+                pca: float, k: int) -> None:
+    """Held-out FVE (mean ± sd over seeds), median s/step, the step-time ratios and, per budget, our signum
+    minus sparsify paired by seed (same initial seed and batch order)."""
+    print(f"| run (held-out FVE{', mean ± sd over seeds ' + ','.join(map(str, seeds)) if len(seeds) > 1 else ''}) | "
+          + " | ".join(f"{b} steps" for b in budgets) + " | s/step |")
     print("|---|" + "---|" * (len(budgets) + 1))
-    for name, (scores, sec) in rows.items():
-        print(f"| {name} | " + " | ".join(f"{scores.get(b, float('nan')):.3f}" for b in budgets) + f" | {sec:.3f} |")
-    print(f"| PCA at rank {args.k} | {pca_fve(X, X_test, [args.k])[args.k]:.3f} |" + " |" * len(budgets))
+    sec = {name: statistics.median(s for _, s in runs) for name, runs in rows.items()}
+    for name, runs in rows.items():
+        print(f"| {name} | " + " | ".join(_mean_sd([sc.get(b, float("nan")) for sc, _ in runs]) for b in budgets)
+              + f" | {sec[name]:.3f} |")
+    print(f"| PCA at rank {k} | {pca:.3f} |" + " |" * len(budgets))
     if "adaptivek signum" in rows and "adaptivek adam" in rows:
-        print(f"step time, adaptivek signum / adaptivek adam: "
-              f"{rows['adaptivek signum'][1] / rows['adaptivek adam'][1]:.2f}x")
+        print(f"step time, adaptivek signum / adaptivek adam: {sec['adaptivek signum'] / sec['adaptivek adam']:.2f}x")
     if "adaptivek signum" in rows and "sparsify default" in rows:
-        print(f"step time, adaptivek signum / sparsify: "
-              f"{rows['adaptivek signum'][1] / rows['sparsify default'][1]:.2f}x (target <= 0.7x)")
+        print(f"step time, adaptivek signum / sparsify: {sec['adaptivek signum'] / sec['sparsify default']:.2f}x "
+              f"(target <= 0.7x)")
+        for b in budgets:
+            diff = [o[0][b] - p[0][b] for o, p in zip(rows["adaptivek signum"], rows["sparsify default"], strict=True)]
+            print(f"held-out FVE at {b} steps, adaptivek signum minus sparsify, seed by seed: "
+                  + ", ".join(f"{d:+.4f}" for d in diff) + f" (mean {statistics.mean(diff):+.4f})")
 
 
 if __name__ == "__main__":
