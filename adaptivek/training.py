@@ -205,6 +205,13 @@ class TrainConfig:
                                        or self.k_aux < 0):
             raise bad("k_aux", "must be a non-negative int or None (d_in // 2)")
 
+    @classmethod
+    def sparsify_recipe(cls, **overrides: Any) -> TrainConfig:
+        """EleutherAI sparsify's default recipe in our trainer: sign-SGD with a schedule-free average (and its
+        encoder scale), no L1 term, no AuxK, ``b_dec`` from the first batch's mean. Any field can be overridden.
+        ``benchmarks/train_vs_peers.py`` measures it against sparsify itself on the same tokens."""
+        return cls(**({"optimizer": "signum", "l1_weight": 0.0, "auxk_alpha": 0.0, "init_b_dec": "mean"} | overrides))
+
     def encoder_scale(self) -> float:
         """The factor on the encoder's initial weights (:attr:`enc_init_scale`, or the optimiser's)."""
         if self.enc_init_scale is not None:

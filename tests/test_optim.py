@@ -205,3 +205,13 @@ def test_encoder_starts_at_the_recipes_scale(optimizer, scale, factor):
 def test_bad_encoder_scale_is_refused(bad):
     with pytest.raises(ValueError, match="enc_init_scale"):
         TrainConfig(enc_init_scale=bad)
+
+
+def test_sparsify_recipe_is_signum_without_l1_or_auxk_and_takes_overrides():
+    cfg = TrainConfig.sparsify_recipe()
+    assert (cfg.optimizer, cfg.l1_weight, cfg.auxk_alpha, cfg.init_b_dec) == ("signum", 0.0, 0.0, "mean")
+    assert cfg.encoder_scale() == pytest.approx(3 ** -0.5)
+    assert TrainConfig.sparsify_recipe(steps=7, l1_weight=0.01).steps == 7
+    assert TrainConfig.sparsify_recipe(l1_weight=0.01).l1_weight == 0.01
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig.sparsify_recipe(optimizer="sgd")
