@@ -546,8 +546,9 @@ def _splice_batch(lm: Any, layer: int, ids: Tensor, mask: Tensor, text: Tensor, 
     spliced = real & (pos >= drop_first) & norm_ok  # positions the SAEs reconstruct
     score = spliced & has_next  # scored: spliced, with a next token to predict
     keep = score[has_next]  # [m_next] -> the scored rows of every pass's logits
+    scored_rows = (lambda z: z) if bool(keep.all()) else (lambda z: z[keep])  # no [m, vocab] copy when all are scored
     target = ids[:, 1:][score[:, :-1]]  # [m] the next token of each scored position
-    clean = _CleanDist(logits[keep])
+    clean = _CleanDist(scored_rows(logits))
     del logits
     out: dict[str, Any] = {
         "text": text[:, None].expand_as(score.cpu())[score.cpu()], "position": pos[score].cpu(),
@@ -556,27 +557,16 @@ def _splice_batch(lm: Any, layer: int, ids: Tensor, mask: Tensor, text: Tensor, 
                    "excluded_extreme_norm": (real & (pos >= drop_first) & ~norm_ok).sum(), "spliced": spliced.sum()}}
     x = h[spliced].float()  # [n_spliced, d] model units
     for name, vec in (("zero", torch.zeros_like(x)), ("mean", mean.to(x.device).expand_as(x))):
-        z = _spliced_logits(lm, layer, (ids, mask, pos), h, spliced, vec, has_next)[keep]
+        z = scored_rows(_spliced_logits(lm, layer, (ids, mask, pos), h, spliced, vec, has_next))
         out[name] = _nll_from_logits(z, torch.logsumexp(z, dim=-1), target)
     for name, sae in saes.items():
         x_hat, l0 = _reconstruct_rows(sae, x, ks[name], scale)
-        z = _spliced_logits(lm, layer, (ids, mask, pos), h, spliced, x_hat, has_next)[keep]
+        z = scored_rows(_spliced_logits(lm, layer, (ids, mask, pos), h, spliced, x_hat, has_next))
         l0_full = torch.zeros(score.shape, dtype=torch.int64)
         l0_full[spliced.cpu()] = l0
         ce = _nll_from_logits(z, torch.logsumexp(z, dim=-1), target)
         out["saes"][name] = {"ce": ce, "kl": clean.kl_to(z), "l0": l0_full[score.cpu()]}
     return out
-
-
-def _kl(logp: Tensor, logq: Tensor) -> Tensor:
-    """KL(p || q) [m] (float64 CPU) of each row of log-probabilities [m, vocab]; terms with p = 0 are 0."""
-    p = logp.exp()
-    return torch.where(p > 0, p * (logp - logq), 0.0).sum(-1).double().cpu()
-
-
-def _nll(logp: Tensor, target: Tensor) -> Tensor:
-    """Per-token cross-entropy [m] (float64 CPU) from log-probabilities [m, vocab]."""
-    return -logp.gather(1, target[:, None]).squeeze(1).double().cpu()
 
 
 def _spliced_logits(lm: Any, layer: int, batch: tuple[Tensor, Tensor, Tensor], h: Tensor, where: Tensor,

@@ -595,12 +595,14 @@ def _set_lr(opt: Any, cfg: TrainConfig, base_lr: float, s: int, T: int) -> float
 
 
 def _prepare(sae: SparseAutoencoder, xb: torch.Tensor, cfg: TrainConfig, s: int) -> None:
-    """Before step ``s``: ``b_dec`` from the first batch; unit decoder rows before step 0 (Adam renormalises
-    after every step) or before every step (sign-SGD: at each gradient point, as sparsify's trainer does)."""
+    """Before step ``s``: ``b_dec`` from the first batch and the encoder at the recipe's scale
+    (:meth:`TrainConfig.encoder_scale`); unit decoder rows before step 0 (Adam renormalises after every step)
+    or before every step (sign-SGD: at each gradient point, as sparsify's trainer does)."""
     if s == 0:
         sae.init_b_dec(xb, cfg.init_b_dec)
-        with torch.no_grad():
-            sae.W_enc.mul_(cfg.encoder_scale())
+        if cfg.encoder_scale() != 1.0:
+            with torch.no_grad():
+                sae.W_enc.mul_(cfg.encoder_scale())
     if s == 0 or cfg.optimizer == "signum":
         sae.set_decoder_norm_to_unit_norm()
 
