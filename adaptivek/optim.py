@@ -4,14 +4,19 @@
 
 * ``"adam"``: Adam (default betas) at ``lr`` (1e-3, the reference code's), linear warm-up, constant, linear
   decay to 0 from ``decay_start``; decoder rows renormalised after every step.
-* ``"signum"``: EleutherAI sparsify's default recipe (its ``Trainer`` with ``optimizer="signum"``). Each step
-  moves every weight by ``lr · sign(gradient)`` (steepest descent in the L∞ norm,
-  https://arxiv.org/abs/1802.04434) at a constant learning rate ``5e-3 / sqrt(d_sae / 2**14)``, and a
-  schedule-free average (Defazio et al. 2024, https://arxiv.org/abs/2405.15682, as in the ``schedulefree``
-  package's ``ScheduleFreeWrapper``, momentum 0.95) evaluates gradients at an interpolation of the iterate
-  and its running average and hands back the *average* when training ends. No decay schedule is needed, so
-  the number of steps need not be known in advance. As in sparsify, the decoder rows of the gradient point
-  are renormalised before every step and the gradient component parallel to each decoder row is removed.
+* ``"signum"``: sign-SGD inside a schedule-free average, EleutherAI sparsify's default optimiser (its
+  ``Trainer`` with ``optimizer="signum"``) with two settings of our own. Each step moves every weight by
+  ``lr · sign(gradient)`` (steepest descent in the L∞ norm, https://arxiv.org/abs/1802.04434) at a constant
+  rate, and a schedule-free average (Defazio et al. 2024, https://arxiv.org/abs/2405.15682, as in the
+  ``schedulefree`` package's ``ScheduleFreeWrapper``, momentum 0.95) evaluates gradients at an interpolation
+  of the iterate and its running average and hands back the *average* when training ends. No decay schedule
+  is needed, so the number of steps need not be known in advance. As in sparsify, the decoder rows of the
+  gradient point are renormalised before every step and the gradient component parallel to each decoder row
+  is removed. sparsify's rate is ``5e-3 / sqrt(d_sae / 2**14)`` and its average weights every step alike;
+  ours is ``3.35e-3 / sqrt(d_sae / 2**14)`` (:data:`SIGNUM_LR`) and weights step t by ``t²`` (the package's
+  ``r = 2``, ``TrainConfig.average_power``), so that the poor first iterates of a short run fade from the
+  average. Both were chosen on validation documents (``benchmarks/train_vs_peers.py`` says how);
+  ``TrainConfig.sparsify_recipe()`` restores sparsify's.
 
 :class:`ScheduleFreeSignSGD` is that wrapper and sign-SGD in one optimiser, written with ``torch._foreach``
 ops: one step is four elementwise passes over the weights, about what Adam's fused step costs
@@ -39,14 +44,23 @@ SIGNUM_MOMENTUM = 0.95
 """β of the schedule-free average, sparsify's setting (``ScheduleFreeWrapper(..., momentum=0.95)``)."""
 
 
-def signum_lr(d_sae: int) -> float:
-    """sparsify's default sign-SGD learning rate for ``d_sae`` latents: ``5e-3 / sqrt(d_sae / 2**14)``."""
-    return 5e-3 / math.sqrt(d_sae / 2**14)
+SIGNUM_LR = 3.35e-3
+"""Our sign-SGD rate at 2**14 latents (``TrainConfig.signum_base_lr``), 0.67 x sparsify's. With
+``average_power`` 2 it gave the best validation FVE (mean of 79 and 198 steps, d_sae 4,608, batch 4,096)
+of the grid 0.5-1.25 x sparsify's rate by powers 0.5-3 (``benchmarks/train_vs_peers.py``, ``--validation``)."""
+
+SPARSIFY_SIGNUM_LR = 5e-3
+"""sparsify's sign-SGD rate at 2**14 latents (its ``Trainer``'s default)."""
 
 
-def default_lr(optimizer: str, d_sae: int) -> float:
+def signum_lr(d_sae: int, base: float = SIGNUM_LR) -> float:
+    """The sign-SGD learning rate for ``d_sae`` latents, sparsify's scaling rule: ``base / sqrt(d_sae / 2**14)``."""
+    return base / math.sqrt(d_sae / 2**14)
+
+
+def default_lr(optimizer: str, d_sae: int, signum_base: float = SIGNUM_LR) -> float:
     """The learning rate used when ``TrainConfig.lr`` is None."""
-    return ADAM_LR if optimizer == "adam" else signum_lr(d_sae)
+    return ADAM_LR if optimizer == "adam" else signum_lr(d_sae, signum_base)
 
 
 def _check_lr(name: str, lr: float) -> None:
@@ -73,20 +87,23 @@ class SignSGD(torch.optim.Optimizer):
 
 class ScheduleFreeSignSGD(torch.optim.Optimizer):
     """Sign-SGD inside a schedule-free average: ``schedulefree.ScheduleFreeWrapper(SignSGD(params, lr),
-    momentum)`` (``weight_lr_power`` 2, ``r`` 0), in four ``torch._foreach`` passes over the weights.
+    momentum, r=r)`` (``weight_lr_power`` 2), in four ``torch._foreach`` passes over the weights.
 
-    With ``s = sign(∂L/∂y)`` and ``c = w_t / Σ w`` (``w_t = lr_max²``, so ``c = 1/(t+1)`` at a constant rate)
+    With ``s = sign(∂L/∂y)`` and ``c = w_t / Σ w`` (``w_t = (t+1)^r lr_max²``: at a constant rate ``c = 1/(t+1)``
+    for ``r = 0``, a plain average, and ``2/(t+2)`` for ``r = 1``, later iterates weighing more)
     the wrapper's update ``z ← z − lr·s``, ``x ← (1−c) x + c z``, ``y ← β x + (1−β) z`` is, with
     ``x = (y − (1−β) z)/β``: ``y ← lerp(y, z, c) − lr (1 − β (1−c)) s`` and then ``z ← z − lr·s``.
     The parameters hold ``y`` in train mode (:meth:`train`, the state after construction) and ``x`` in eval
     mode (:meth:`eval`); :meth:`step` needs train mode and turns each gradient into its sign, in place.
     """
 
-    def __init__(self, params: Any, lr: float, momentum: float = SIGNUM_MOMENTUM) -> None:
+    def __init__(self, params: Any, lr: float, momentum: float = SIGNUM_MOMENTUM, r: float = 0.0) -> None:
         _check_lr("ScheduleFreeSignSGD", lr)
         if not 0 < momentum < 1:
             raise ValueError(f"ScheduleFreeSignSGD needs 0 < momentum < 1, got {momentum!r}")
-        super().__init__(params, {"lr": lr, "momentum": momentum, "k": 0, "weight_sum": 0.0, "lr_max": 0.0})
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not (math.isfinite(r) and r >= 0):
+            raise ValueError(f"ScheduleFreeSignSGD needs a finite r >= 0 (the average's weight power), got {r!r}")
+        super().__init__(params, {"lr": lr, "momentum": momentum, "r": r, "k": 0, "weight_sum": 0.0, "lr_max": 0.0})
         self.train_mode = True
         self._y: dict[torch.Tensor, torch.Tensor] = {}  # eval mode: y's storage, which train() puts back
         self._spare: dict[torch.Tensor, torch.Tensor] = {}  # train mode: buffers for eval()'s x
@@ -140,7 +157,7 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
             zs = [self.state[p]["z"] for p in params]
             lr, beta = group["lr"], group["momentum"]
             group["lr_max"] = max(lr, group["lr_max"])
-            weight = group["lr_max"] ** 2
+            weight = (group["k"] + 1) ** group.get("r", 0.0) * group["lr_max"] ** 2
             group["weight_sum"] += weight
             c = weight / group["weight_sum"]
             signs = [p.grad for p in params]
@@ -159,13 +176,14 @@ def make_adam(params: list[torch.Tensor], lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr)
 
 
-def make_optimizer(name: str, params: list[torch.Tensor], lr: float) -> Any:
-    """The optimiser ``name`` ("adam" or "signum") over ``params`` at ``lr``, ready for training steps."""
+def make_optimizer(name: str, params: list[torch.Tensor], lr: float, *, average_power: float = 0.0) -> Any:
+    """The optimiser ``name`` ("adam" or "signum") over ``params`` at ``lr``, ready for training steps;
+    ``average_power``: sign-SGD's weighting of step t in its average, ``t**average_power``."""
     if name == "adam":
         return make_adam(params, lr)
     if name != "signum":
         raise ValueError(f"optimizer must be 'adam' or 'signum', got {name!r}")
-    return ScheduleFreeSignSGD(params, lr=lr)
+    return ScheduleFreeSignSGD(params, lr=lr, r=average_power)
 
 
 def is_schedule_free(opt: Any) -> bool:
@@ -200,4 +218,4 @@ def averaged(opt: Any) -> Iterator[None]:
 
 
 __all__ = ["averaged", "SignSGD", "ScheduleFreeSignSGD", "make_optimizer", "make_adam", "signum_lr", "default_lr",
-           "is_schedule_free", "to_eval", "ADAM_LR", "SIGNUM_MOMENTUM"]
+           "is_schedule_free", "to_eval", "ADAM_LR", "SIGNUM_LR", "SPARSIFY_SIGNUM_LR", "SIGNUM_MOMENTUM"]

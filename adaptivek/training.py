@@ -49,7 +49,16 @@ import torch
 
 from .checks import finite_rows
 from .io import atomic_path
-from .optim import averaged, default_lr, make_adam, make_optimizer, resumed, to_eval
+from .optim import (
+    SIGNUM_LR,
+    SPARSIFY_SIGNUM_LR,
+    averaged,
+    default_lr,
+    make_adam,
+    make_optimizer,
+    resumed,
+    to_eval,
+)
 from .sae import AdaptiveKSAE, SparseAutoencoder
 
 
@@ -76,10 +85,18 @@ class TrainConfig:
     """How the SAE's weights move (:mod:`adaptivek.optim`). "adam": the reference's Adam with warm-up and
     linear decay. "signum": EleutherAI sparsify's sign-SGD with a schedule-free average (constant rate, no
     warm-up, decay or clipping; decoder rows renormalised at the gradient point before every step, as sparsify's
-    trainer does), which the book measures against Adam on the same tokens."""
+    trainer does), with our rate and average weighting (:attr:`signum_base_lr`, :attr:`average_power`).
+    ``benchmarks/train_vs_peers.py`` measures both against sparsify and SAELens on the same tokens."""
     lr: float | None = None
     """Learning rate of the SAE. None: the optimiser's default, Adam 1e-3 (reference, default betas) or
-    sign-SGD ``5e-3 / sqrt(d_sae / 2**14)`` (sparsify's)."""
+    sign-SGD ``signum_base_lr / sqrt(d_sae / 2**14)`` (sparsify's scaling rule)."""
+    signum_base_lr: float = SIGNUM_LR
+    """Sign-SGD's default rate at 2**14 latents (used when ``lr`` is None). 3.35e-3, chosen on validation
+    documents (:data:`adaptivek.optim.SIGNUM_LR`); sparsify's is 5e-3."""
+    average_power: float = 2.0
+    """Sign-SGD: the schedule-free average weights step t's iterate by ``t**average_power`` (the
+    ``schedulefree`` package's ``r``). 0 is sparsify's plain average; 2 lets the poor first iterates of a short
+    run fade (chosen with :attr:`signum_base_lr`). Adam ignores it."""
     enc_init_scale: float | None = None
     """Factor on the encoder's initial weights at the start of a fresh run. None: the optimiser's recipe, 1 for
     Adam (``W_enc = W_decᵀ``, the reference's) and ``1/√3`` for sign-SGD (sparsify's ``nn.Linear`` init: encoder
@@ -167,13 +184,14 @@ class TrainConfig:
                 raise bad(name, "must be an int")
         if self.warmup_steps < 0:
             raise bad("warmup_steps", "must be >= 0")
-        for name in ("epochs", "probe_lr", "k_temperature") + (("lr",) if self.lr is not None else ()) + (
+        for name in ("epochs", "probe_lr", "k_temperature", "signum_base_lr") + (("lr",) if self.lr is not None else ()) + (
                 ("enc_init_scale",) if self.enc_init_scale is not None else ()):
             if not (math.isfinite(number(name)) and getattr(self, name) > 0):
                 raise bad(name, "must be a finite number > 0 (inf or NaN would train to NaN weights)")
         if not number("grad_clip") > 0:
             raise bad("grad_clip", "must be > 0 (math.inf: no clipping)")
-        for name in ("l1_weight", "auxk_alpha", "probe_weight", "deviation_weight", "deviation_threshold"):
+        for name in ("l1_weight", "auxk_alpha", "probe_weight", "deviation_weight", "deviation_threshold",
+                     "average_power"):
             if not (math.isfinite(number(name)) and getattr(self, name) >= 0):
                 raise bad(name, "must be a finite number >= 0")
         if not 0 < number("decay_start") <= 1:
@@ -207,10 +225,12 @@ class TrainConfig:
 
     @classmethod
     def sparsify_recipe(cls, **overrides: Any) -> TrainConfig:
-        """EleutherAI sparsify's default recipe in our trainer: sign-SGD with a schedule-free average (and its
-        encoder scale), no L1 term, no AuxK, ``b_dec`` from the first batch's mean. Any field can be overridden.
-        ``benchmarks/train_vs_peers.py`` measures it against sparsify itself on the same tokens."""
-        return cls(**({"optimizer": "signum", "l1_weight": 0.0, "auxk_alpha": 0.0, "init_b_dec": "mean"} | overrides))
+        """EleutherAI sparsify's default recipe in our trainer: sign-SGD with a plain schedule-free average at
+        sparsify's rate (and its encoder scale), no L1 term, no AuxK, ``b_dec`` from the first batch's mean. Any
+        field can be overridden. ``benchmarks/train_vs_peers.py`` measures it against sparsify itself on the
+        same tokens: the same algorithm, so the two differ only by float rounding."""
+        return cls(**({"optimizer": "signum", "l1_weight": 0.0, "auxk_alpha": 0.0, "init_b_dec": "mean",
+                       "signum_base_lr": SPARSIFY_SIGNUM_LR, "average_power": 0.0} | overrides))
 
     def encoder_scale(self) -> float:
         """The factor on the encoder's initial weights (:attr:`enc_init_scale`, or the optimiser's)."""
@@ -220,7 +240,7 @@ class TrainConfig:
 
     def sae_lr(self, d_sae: int) -> float:
         """The SAE's learning rate: ``lr``, or the optimiser's default for ``d_sae`` latents."""
-        return self.lr if self.lr is not None else default_lr(self.optimizer, d_sae)
+        return self.lr if self.lr is not None else default_lr(self.optimizer, d_sae, self.signum_base_lr)
 
     def total_steps(self, n: int) -> int:
         """T for a training set of ``n`` vectors."""
@@ -539,7 +559,8 @@ def _fingerprint(sae: SparseAutoencoder, cfg: TrainConfig, X: torch.Tensor, y: t
 def _start(sae: SparseAutoencoder, X: torch.Tensor, y: torch.Tensor | None, cfg: TrainConfig,
            ckpt: Path | None, fingerprint: dict[str, Any] | None) -> _Run:
     """A fresh run (after AdaptiveK's phase 1) or the resumed one of ``ckpt``."""
-    run = _Run(make_optimizer(cfg.optimizer, list(sae.parameters()), cfg.sae_lr(sae.d_sae)), torch.zeros(sae.d_sae, dtype=torch.long, device=sae.device))
+    opt = make_optimizer(cfg.optimizer, list(sae.parameters()), cfg.sae_lr(sae.d_sae), average_power=cfg.average_power)
+    run = _Run(opt, torch.zeros(sae.d_sae, dtype=torch.long, device=sae.device))
     if ckpt is not None and fingerprint is not None and ckpt.is_file():
         _resume(run, sae, ckpt, fingerprint, cfg)
     elif isinstance(sae, AdaptiveKSAE):

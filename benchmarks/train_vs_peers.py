@@ -3,6 +3,8 @@
     python benchmarks/train_vs_peers.py                       # the quick book's layer-12 tokens, 2 threads
     python benchmarks/train_vs_peers.py --steps 79,198 --d-sae 4608 --k 32 --batch 4096
     python benchmarks/train_vs_peers.py --only signum,sparsify-recipe,sparsify --seeds 0,1,2  # vs sparsify
+    python benchmarks/train_vs_peers.py --validation --only sparsify --signum-grid 2.5e-3,3.35e-3,4e-3,5e-3,6.25e-3:1 \
+        --signum-grid 2.5e-3,3.35e-3,4e-3,5e-3:2 --signum-grid 4e-3:0.5,3 --signum-grid 5e-3:0   # the tuning
 
 Every run trains a TopK SAE (``--d-sae`` latents, ``--k`` active) on the same training tokens in the same
 batch order and is scored on the same held-out tokens (other documents) with one formula,
@@ -11,10 +13,13 @@ batch order and is scored on the same held-out tokens (other documents) with one
 * ``adaptivek adam``: ``TrainConfig(optimizer="adam")``, the reference code's recipe (Adam 1e-3, warm-up,
   decay to 0 over the run: one run per step budget);
 * ``adaptivek signum``: ``TrainConfig(optimizer="signum")``, sign-SGD with a schedule-free average, the encoder
-  starting at 1/√3 of its initial weights (sparsify's init scale, ``TrainConfig.enc_init_scale``);
+  starting at 1/√3 of its initial weights (sparsify's init scale, ``TrainConfig.enc_init_scale``), our loss
+  (L1 and AuxK), our rate ``3.35e-3/sqrt(d_sae/2^14)`` and an average that weights step t by t²
+  (``TrainConfig.signum_base_lr``, ``average_power``);
 * ``adaptivek, sparsify's recipe``: ``TrainConfig.sparsify_recipe()``, the same optimiser with sparsify's loss
   (``l1_weight=0, auxk_alpha=0``; a sign step ignores the loss's scale, so our per-element MSE and its FVU step
-  alike) and its ``b_dec`` start (the first batch's mean, ``init_b_dec="mean"``);
+  alike), its ``b_dec`` start (the first batch's mean), its rate and its plain average: sparsify's algorithm,
+  so it differs from the next row only by float rounding (which sign steps amplify);
 * ``sparsify default``: ``sparsify.SparseCoder`` trained with sparsify's own default optimiser (its
   ``SignSGD`` in ``schedulefree.ScheduleFreeWrapper``, momentum 0.95, lr ``5e-3/sqrt(d_sae/2^14)``), b_dec at
   the first batch's mean, loss ``fvu`` (auxk_alpha 0), decoder rows renormalised before every step and the
@@ -24,7 +29,11 @@ batch order and is scored on the same held-out tokens (other documents) with one
 * ``PCA``: the held-out FVE of the top-``k`` principal components of the training tokens.
 
 The peers come from the ``interop`` extra (``pip install -e .[interop]``); a missing one is skipped with a
-message. Prints held-out FVE at each step budget (mean ± sd over ``--seeds``; each seed sets every run's initial
+message. ``--validation`` replaces the held-out tokens by validation documents: 15% of the training documents (seeded),
+left out of training. That is where our sign-SGD rate and average weighting were chosen: ``--signum-grid
+RATES:POWERS`` adds a row per combination, sparsify's recipe with AuxK at that ``signum_base_lr`` and
+``average_power``; the pick is the best mean FVE over 79 and 198 steps (seed 0), with the grid extended
+while the best sat on its edge. The held-out documents played no part in it. Prints held-out FVE at each step budget (mean ± sd over ``--seeds``; each seed sets every run's initial
 weights and batch order) and the median seconds per step (evaluation excluded), our signum step time over our
 Adam step's and over sparsify's, and our signum's FVE minus sparsify's, paired seed by seed. Data: the quick book's cached activations (run ``make book`` first);
 ``--n-train`` caps the training tokens.
@@ -47,8 +56,15 @@ def fve(X: torch.Tensor, X_hat: torch.Tensor) -> float:
     return 1 - float((X - X_hat).pow(2).sum() / (X - X.mean(0)).pow(2).sum())
 
 
+VALIDATION_SEED = 123
+"""Seed of the draw of validation documents among the training documents (``--validation``)."""
+
+
 def load_tokens(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
-    """The quick book's layer-``args.layer`` training and held-out tokens, scaled as the book scales them."""
+    """The quick book's layer-``args.layer`` training and held-out tokens, scaled as the book scales them
+    (``args.validation``: training tokens of 85% of the training documents, and those of the other 15%)."""
+    import numpy as np
+
     import adaptivek
     from adaptivek.sae_data import load_sae_data
 
@@ -56,6 +72,12 @@ def load_tokens(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
     data, _ = load_sae_data(args.artifacts, lm, layer=args.layer, mode="all_tokens", n_texts=1500, seed=0,
                             max_length=128, test_frac=0.2)
     X_train, X_test = data.scaled("train"), data.scaled("test")
+    if args.validation:
+        docs = np.asarray(data.train.document)
+        names = np.unique(docs)
+        val = np.random.default_rng(VALIDATION_SEED).choice(names, size=int(0.15 * len(names)), replace=False)
+        is_val = torch.from_numpy(np.isin(docs, val))
+        X_train, X_test = X_train[~is_val], X_train[is_val]
     return X_train[: args.n_train].contiguous(), X_test.contiguous()
 
 
@@ -82,14 +104,15 @@ def run_peer(step: Callable[[torch.Tensor], None], recon: Callable[[torch.Tensor
     return scores, statistics.median(times)
 
 
-def ours(optimizer: str, X: torch.Tensor, X_test: torch.Tensor, args: argparse.Namespace, budgets: list[int],
-         seed: int, **loss: float) -> tuple[dict[int, float], float]:
-    """adaptivek's train_sae with ``optimizer`` (and ``loss``: TrainConfig's loss weights, e.g. l1_weight=0);
-    Adam gets one run per budget (its schedule knows T)."""
-    from adaptivek import TopKSAE, TrainConfig, train_sae
+def ours(recipe: Callable[..., object], X: torch.Tensor, X_test: torch.Tensor, args: argparse.Namespace,
+         budgets: list[int], seed: int) -> tuple[dict[int, float], float]:
+    """adaptivek's train_sae with the TrainConfig ``recipe(steps=, batch_size=, seed=)``; Adam gets one run per
+    budget (its schedule knows T)."""
+    from adaptivek import TopKSAE, train_sae
     from adaptivek.evaluation import evaluate
 
     scores, per_step = {}, []
+    optimizer = recipe(steps=1).optimizer
     runs = budgets if optimizer == "adam" else [max(budgets)]
     for T in runs:
         seen: dict[int, float] = {}
@@ -99,9 +122,7 @@ def ours(optimizer: str, X: torch.Tensor, X_test: torch.Tensor, args: argparse.N
             if step in budgets:
                 seen[step] = float(evaluate(sae, X_test)["fve"])  # the formula of fve() above
 
-        _, hist = train_sae(sae, X, cfg=TrainConfig(steps=T, batch_size=args.batch, optimizer=optimizer, seed=seed,
-                                                         **loss),
-                            progress=False, callback=at)
+        _, hist = train_sae(sae, X, cfg=recipe(steps=T, batch_size=args.batch, seed=seed), progress=False, callback=at)
         scores |= {s: v for s, v in seen.items() if optimizer != "adam" or s == T}
         per_step.append(float(hist["time_s"].diff().median()))
     return scores, statistics.median(per_step)
@@ -178,22 +199,41 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=None)
     ap.add_argument("--only", default="adam,signum,sparsify-recipe,sparsify,saelens")
     ap.add_argument("--seeds", default="0", help="training seeds (initial weights and batch order), comma-separated")
+    ap.add_argument("--validation", action="store_true",
+                    help="score on validation documents drawn from the training documents, not the held-out ones")
+    ap.add_argument("--signum-grid", action="append", default=[], metavar="RATES:POWERS",
+                    help="tuning rows, one per (signum_base_lr, average_power), e.g. 3e-3,4e-3:0,1")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     budgets = sorted(int(s) for s in args.steps.split(","))
     X, X_test = load_tokens(args)
-    print(f"{len(X):,} training / {len(X_test):,} held-out tokens, d_in {X.shape[1]}, d_sae {args.d_sae}, "
+    print(f"{len(X):,} training / {len(X_test):,} {'validation' if args.validation else 'held-out'} tokens, "
+          f"d_in {X.shape[1]}, d_sae {args.d_sae}, "
           f"k {args.k}, batch {args.batch}, {args.threads} threads, torch {torch.__version__}")
-    runs = {"adaptivek adam": lambda seed: ours("adam", X, X_test, args, budgets, seed),
-            "adaptivek signum": lambda seed: ours("signum", X, X_test, args, budgets, seed),
-            "adaptivek, sparsify's recipe": lambda seed: ours("signum", X, X_test, args, budgets, seed, l1_weight=0.0,
-                                                              auxk_alpha=0.0, init_b_dec="mean"),
-            "sparsify default": lambda seed: sparsify_default(X, X_test, args, budgets, seed),
-            "SAELens default": lambda seed: saelens_default(X, X_test, args, budgets, seed)}
+    from functools import partial
+
+    from adaptivek import TrainConfig
+
+    recipes = {"adaptivek adam": partial(TrainConfig, optimizer="adam"),
+               "adaptivek signum": partial(TrainConfig, optimizer="signum"),
+               "adaptivek, sparsify's recipe": TrainConfig.sparsify_recipe}
+    runs = {name: partial(ours, recipe, X, X_test, args, budgets) for name, recipe in recipes.items()}
+    runs |= {"sparsify default": lambda seed: sparsify_default(X, X_test, args, budgets, seed),
+             "SAELens default": lambda seed: saelens_default(X, X_test, args, budgets, seed)}
     keys = dict(zip(["adam", "signum", "sparsify-recipe", "sparsify", "saelens"], runs, strict=True))
+    selected = args.only.split(",")
+    for spec in args.signum_grid:
+        rates, powers = spec.split(":")
+        for rate in rates.split(","):
+            for power in powers.split(","):
+                name = f"sparsify's recipe + AuxK, rate {float(rate):g}, power {float(power):g}"
+                recipe = partial(TrainConfig.sparsify_recipe, auxk_alpha=1 / 32, signum_base_lr=float(rate),
+                                 average_power=float(power))
+                runs[name] = keys[name] = partial(ours, recipe, X, X_test, args, budgets)
+                selected.append(name)
     seeds = [int(s) for s in args.seeds.split(",")]
     rows: dict[str, list[tuple[dict[int, float], float]]] = {}
-    for key in args.only.split(","):
+    for key in selected:
         name = keys[key]
         try:
             rows[name] = [runs[name](seed) for seed in seeds]

@@ -10,6 +10,7 @@ from test_training import _complexity_data, _dictionary_data, _die_after_step_10
 
 from adaptivek.evaluation import evaluate
 from adaptivek.optim import (
+    SIGNUM_LR,
     ScheduleFreeSignSGD,
     SignSGD,
     averaged,
@@ -30,10 +31,13 @@ def test_sign_sgd_moves_every_weight_by_exactly_lr():
 
 
 def test_default_learning_rates():
-    assert signum_lr(2**14) == pytest.approx(5e-3)
-    assert signum_lr(4 * 2**14) == pytest.approx(2.5e-3)  # 1 / sqrt(d_sae)
+    assert signum_lr(2**14) == pytest.approx(SIGNUM_LR)
+    assert signum_lr(4 * 2**14) == pytest.approx(SIGNUM_LR / 2)  # 1 / sqrt(d_sae)
+    assert signum_lr(2**14, base=5e-3) == pytest.approx(5e-3)
     assert default_lr("adam", 123) == 1e-3
-    assert TrainConfig(optimizer="signum").sae_lr(2**14) == pytest.approx(5e-3)
+    assert TrainConfig(optimizer="signum").sae_lr(2**14) == pytest.approx(SIGNUM_LR)
+    assert TrainConfig(optimizer="signum", signum_base_lr=1e-2).sae_lr(4 * 2**14) == pytest.approx(5e-3)
+    assert TrainConfig.sparsify_recipe().sae_lr(2**14) == pytest.approx(5e-3)  # sparsify's own rate
     assert TrainConfig(optimizer="signum", lr=0.02).sae_lr(2**14) == 0.02
 
 
@@ -140,13 +144,48 @@ def _quadratic_run(opt_of, steps=150):
     return y, p.detach().clone()
 
 
-def test_schedule_free_sign_sgd_is_schedulefrees_wrapper_around_sign_sgd():
+@pytest.mark.parametrize("r", [0.0, 1.0, 2.5])
+def test_schedule_free_sign_sgd_is_schedulefrees_wrapper_around_sign_sgd(r):
     from schedulefree import ScheduleFreeWrapperReference
 
-    y_ref, x_ref = _quadratic_run(lambda ps: ScheduleFreeWrapperReference(SignSGD(ps, lr=0.01), momentum=0.95))
-    y, x = _quadratic_run(lambda ps: ScheduleFreeSignSGD(ps, lr=0.01))
+    y_ref, x_ref = _quadratic_run(lambda ps: ScheduleFreeWrapperReference(SignSGD(ps, lr=0.01), momentum=0.95, r=r))
+    y, x = _quadratic_run(lambda ps: ScheduleFreeSignSGD(ps, lr=0.01, r=r))
     assert (x_ref - y_ref).abs().max() > 1e-2  # the average and the gradient point really differ
     assert torch.allclose(y, y_ref, atol=1e-5) and torch.allclose(x, x_ref, atol=1e-5)
+
+
+def test_average_power_weights_later_iterates_more():
+    # z walks 0.1 per step from 0; after 4 steps z = -0.1, -0.2, -0.3, -0.4: a plain average is -0.25, the
+    # average weighted by t is -(1 + 4 + 9 + 16) / 10 / 10 = -0.3
+    xs = {}
+    for r in (0.0, 1.0):
+        p = torch.nn.Parameter(torch.zeros(1))
+        opt = ScheduleFreeSignSGD([p], lr=0.1, r=r)
+        for _ in range(4):
+            p.grad = torch.ones(1)
+            opt.step()
+        opt.eval()
+        xs[r] = float(p.detach())
+    assert xs[0.0] == pytest.approx(-0.25) and xs[1.0] == pytest.approx(-0.3)
+
+
+def test_train_sae_passes_the_average_power_to_the_optimiser():
+    X, _ = _complexity_data(n=256)
+    runs = {}
+    for power in (0.0, 1.0):
+        sae, _ = train_sae(TopKSAE(16, 64, 4, seed=0), X, cfg=_small_cfg(steps=8, optimizer="signum",
+                                                                            average_power=power), progress=False)
+        runs[power] = sae.W_dec.detach().clone()
+    assert not torch.allclose(runs[0.0], runs[1.0])
+
+
+@pytest.mark.parametrize(("field", "bad"), [("average_power", -1.0), ("average_power", float("nan")),
+                                            ("signum_base_lr", 0.0), ("signum_base_lr", float("inf"))])
+def test_bad_signum_settings_are_refused(field, bad):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: bad})
+    with pytest.raises(ValueError, match="r >= 0"):
+        ScheduleFreeSignSGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, r=-1.0)
 
 
 def test_step_needs_train_mode():
@@ -210,6 +249,7 @@ def test_bad_encoder_scale_is_refused(bad):
 def test_sparsify_recipe_is_signum_without_l1_or_auxk_and_takes_overrides():
     cfg = TrainConfig.sparsify_recipe()
     assert (cfg.optimizer, cfg.l1_weight, cfg.auxk_alpha, cfg.init_b_dec) == ("signum", 0.0, 0.0, "mean")
+    assert (cfg.signum_base_lr, cfg.average_power) == (5e-3, 0.0)  # sparsify's rate and plain average
     assert cfg.encoder_scale() == pytest.approx(3 ** -0.5)
     assert TrainConfig.sparsify_recipe(steps=7, l1_weight=0.01).steps == 7
     assert TrainConfig.sparsify_recipe(l1_weight=0.01).l1_weight == 0.01
