@@ -46,8 +46,9 @@ SIGNUM_MOMENTUM = 0.95
 
 SIGNUM_LR = 3.35e-3
 """Our sign-SGD rate at 2**14 latents (``TrainConfig.signum_base_lr``), 0.67 x sparsify's. With
-``average_power`` 2 it gave the best validation FVE (mean of 79 and 198 steps, d_sae 4,608, batch 4,096)
-of the grid 0.5-1.25 x sparsify's rate by powers 0.5-3 (``benchmarks/train_vs_peers.py``, ``--validation``)."""
+``average_power`` 2 it gave the best validation FVE (mean of 79 and 198 steps, d_sae 4,608, batch 4,096, seed 0)
+of the 13 settings tried: rates 0.5-1.25 x sparsify's at powers 1 and 2, a few at powers 0, 0.5 and 3
+(``benchmarks/train_vs_peers.py --validation``, whose docstring lists them), with sparsify's loss plus AuxK."""
 
 SPARSIFY_SIGNUM_LR = 5e-3
 """sparsify's sign-SGD rate at 2**14 latents (its ``Trainer``'s default)."""
@@ -108,6 +109,11 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
         self._y: dict[torch.Tensor, torch.Tensor] = {}  # eval mode: y's storage, which train() puts back
         self._spare: dict[torch.Tensor, torch.Tensor] = {}  # train mode: buffers for eval()'s x
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # a state saved before r existed: its average was a plain one
+            group.setdefault("r", 0.0)
+
     @torch.no_grad()
     def eval(self) -> None:
         """Parameters ← the average ``x``, computed into a spare buffer; ``y``'s storage is kept for :meth:`train`
@@ -157,7 +163,7 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
             zs = [self.state[p]["z"] for p in params]
             lr, beta = group["lr"], group["momentum"]
             group["lr_max"] = max(lr, group["lr_max"])
-            weight = (group["k"] + 1) ** group.get("r", 0.0) * group["lr_max"] ** 2
+            weight = (group["k"] + 1) ** group["r"] * group["lr_max"] ** 2
             group["weight_sum"] += weight
             c = weight / group["weight_sum"]
             signs = [p.grad for p in params]

@@ -67,8 +67,9 @@ class TrainingWarning(UserWarning):
     a finished checkpoint returned); the message says what to change. Silence with ``warnings.filterwarnings``."""
 
 
-CHECKPOINT_VERSION = 3
-"""Format of ``checkpoint.pt``; 3: the fingerprint covers the initial weights and the data's contents."""
+CHECKPOINT_VERSION = 4
+"""Format of ``checkpoint.pt``; 3: the fingerprint covers the initial weights and the data's contents; 4: and
+sign-SGD's ``signum_base_lr`` and ``average_power`` (a version-3 file names neither, so it is refused by version)."""
 
 
 @dataclass

@@ -112,7 +112,7 @@ def test_an_old_format_checkpoint_is_refused_by_its_version(tmp_path):
     state = torch.load(ckpt, weights_only=True)
     state["fingerprint"]["version"] = 2
     torch.save(state, ckpt)
-    with pytest.raises(ValueError, match=r"differs in its format \(version 2; this adaptivek writes 3\)"):
+    with pytest.raises(ValueError, match=r"differs in its format \(version 2; this adaptivek writes 4\)"):
         train_sae(_ada(), X, y, _cfg(), progress=False, checkpoint_dir=tmp_path)
 
 

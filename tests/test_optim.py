@@ -255,3 +255,17 @@ def test_sparsify_recipe_is_signum_without_l1_or_auxk_and_takes_overrides():
     assert TrainConfig.sparsify_recipe(l1_weight=0.01).l1_weight == 0.01
     with pytest.raises(ValueError, match="optimizer"):
         TrainConfig.sparsify_recipe(optimizer="sgd")
+
+
+def test_a_state_saved_before_the_average_power_existed_resumes_with_a_plain_average():
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = ScheduleFreeSignSGD([p], lr=0.1)
+    p.grad = torch.ones(2)
+    opt.step()
+    state = opt.state_dict()
+    del state["param_groups"][0]["r"]
+    again = ScheduleFreeSignSGD([p], lr=0.1, r=2.0)
+    again.load_state_dict(state)
+    assert again.param_groups[0]["r"] == 0.0  # the weights summed so far are a plain average's
+    p.grad = torch.ones(2)
+    again.step()
