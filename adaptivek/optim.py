@@ -47,7 +47,7 @@ SIGNUM_MOMENTUM = 0.95
 SIGNUM_LR = 3.35e-3
 """Our sign-SGD rate at 2**14 latents (``TrainConfig.signum_base_lr``), 0.67 x sparsify's. With
 ``average_power`` 2 it gave the best validation FVE (mean of 79 and 198 steps, d_sae 4,608, batch 4,096, seed 0)
-of the 13 settings tried: rates 0.5-1.25 x sparsify's at powers 1 and 2, a few at powers 0, 0.5 and 3
+of the 14 settings tried: rates 0.5-1.25 x sparsify's at powers 1 and 2, a few at powers 0, 0.5 and 3
 (``benchmarks/train_vs_peers.py --validation``, whose docstring lists them), with sparsify's loss plus AuxK."""
 
 SPARSIFY_SIGNUM_LR = 5e-3

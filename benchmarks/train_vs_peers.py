@@ -4,7 +4,7 @@
     python benchmarks/train_vs_peers.py --steps 79,198 --d-sae 4608 --k 32 --batch 4096
     python benchmarks/train_vs_peers.py --only signum,sparsify-recipe,sparsify --seeds 0,1,2  # vs sparsify
     python benchmarks/train_vs_peers.py --validation --only sparsify --signum-grid 2.5e-3,3.35e-3,4e-3,5e-3,6.25e-3:1 \
-        --signum-grid 2.5e-3,3.35e-3,4e-3,5e-3:2 --signum-grid 4e-3:0.5,3 --signum-grid 5e-3:0   # the tuning
+        --signum-grid 2.5e-3,3.35e-3,4e-3,5e-3:2 --signum-grid 4e-3,5e-3:0,0.5 --signum-grid 4e-3:3   # the tuning
 
 Every run trains a TopK SAE (``--d-sae`` latents, ``--k`` active) on the same training tokens in the same
 batch order and is scored on the same held-out tokens (other documents) with one formula,
